@@ -1,0 +1,33 @@
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+import coopt_fast
+
+from .app import command, emit
+
+
+@command
+def align(
+    run: str = typer.Argument(..., help="run folder"),
+    dim: int = typer.Option(512, "--dim", help="n, the common target dimension"),
+    participant: Optional[str] = typer.Option(None, "--participant", help="align only this participant (local mode)"),
+    reference: str = typer.Option("best", "--reference", help="best (lowest U) | NAME | none (W only, no alignment)"),
+    ridge: Optional[float] = typer.Option(None, "--ridge", help="ridge λ for the fit (default: auto, see README)"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+):
+    """Step 2b: project features to n dims and align them to the reference prior -> aligned.h5.
+
+    With --participant, only that participant aligns, reading its own features, the others'
+    published U, and the reference's published shared targets (raw features never leave it).
+    """
+    s = coopt_fast.align(run, dim=dim, participant=participant, reference=reference, ridge=ridge, progress=not quiet)
+    t = Table(title=f"aligned to {s['reference'] or 'nothing (W only)'} in {dim} dims")
+    for c in ("participant", "prior", "U on S", "residual", "ridge"):
+        t.add_column(c)
+    for r in s["participants"]:
+        t.add_row(r["participant"] + (" *" if r["reference"] else ""), r["prior"], f"{r['uniformity']:.4f}",
+                  f"{r['residual']:.4f}", f"{r['ridge']:.3g}")
+    emit(s, json_out, t)

@@ -1,0 +1,32 @@
+import typer
+from rich.table import Table
+
+import coopt_fast
+
+from .app import command, emit
+
+
+@command
+def extract(
+    run: str = typer.Argument(..., help="run folder made by split"),
+    participant: str = typer.Option(..., "--participant", help="your name (letters, digits, _ . -)"),
+    shard: int = typer.Option(..., "--shard", help="which shard of the plan is yours"),
+    prior: str = typer.Option(..., "--prior", help="ARCH, ARCH:CHECKPOINT (.pt/.pth/.safetensors) or labels"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    round_: int = typer.Option(0, "--round", help="collaboration round, recorded in the file"),
+    seed: int = typer.Option(0, "--seed", help="seeds a checkpoint-less prior's random initialisation"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+):
+    """Step 2a: features of your shard and of S with your prior -> RUN/participants/NAME/features.h5.
+
+    Interrupted (even by kill -9) and rerun with the same options, it resumes at the last
+    written batch and ends with the same values as an uninterrupted run.
+    """
+    s = coopt_fast.extract(run, participant, shard, prior, batch_size=batch_size, device=device, round=round_,
+                           seed=seed, progress=not quiet)
+    t = Table(title=f"extract {participant}")
+    for k in ("prior", "rows", "shared_rows", "feature_dim", "uniformity", "seconds", "resumed", "skipped"):
+        t.add_row(k, f"{s[k]:.4f}" if isinstance(s[k], float) else str(s[k]))
+    emit(s, json_out, t)

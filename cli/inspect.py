@@ -1,0 +1,24 @@
+import typer
+from rich.table import Table
+
+import coopt_fast
+
+from .app import command, emit
+
+
+@command
+def inspect(
+    run: str = typer.Argument(..., help="run folder"),
+    no_plot: bool = typer.Option(False, "--no-plot", help="skip RUN/inspect.png"),
+    json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+):
+    """U, fit residuals and the target inconsistency G before/after alignment; plots RUN/inspect.png."""
+    s = coopt_fast.inspect(run, plot=not no_plot)
+    g = s["inconsistency"]
+    t = Table(title=f"G before alignment {g['before']:.3f} -> after {g['after']:.3f}")
+    for c in ("participant", "prior", "dim", "U on S", "residual"):
+        t.add_column(c)
+    for r in s["participants"]:
+        t.add_row(r["participant"] + (" *" if r["reference"] else ""), r["prior"], str(r["feature_dim"]),
+                  f"{r['uniformity']:.4f}", f"{r['residual']:.4f}")
+    emit(s, json_out, t)

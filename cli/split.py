@@ -1,0 +1,38 @@
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+import coopt_fast
+
+from .app import command, emit
+
+
+@command
+def split(
+    dataset: str = typer.Argument(..., help="fashion-mnist[:test] | folder:PATH | npy:IMAGES.npy[,LABELS.npy]"),
+    out: str = typer.Option(..., "--out", help="run folder to create (the platform)"),
+    participants: int = typer.Option(4, "--participants", "-k", help="K, the number of shards"),
+    shared_fraction: float = typer.Option(0.05, "--shared-fraction", help="|S|/N: the shared set used for scoring and alignment"),
+    seed: int = typer.Option(0, "--seed"),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="relative shard sizes w1,..,wK (default: balanced)"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="keep only the first N samples"),
+    json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+):
+    """Step 1: split DATASET into K disjoint shards and a shared set S; write RUN/plan.json."""
+    w = None
+    if sizes is not None:
+        try:
+            w = [float(s) for s in sizes.split(",")]
+        except ValueError:
+            raise coopt_fast.CooptError(f"--sizes {sizes!r}: expected comma-separated numbers") from None
+    plan = coopt_fast.split(dataset, out, participants=participants, shared_fraction=shared_fraction,
+                            seed=seed, sizes=w, limit=limit)
+    summary = {"plan": f"{out}/plan.json", "n": plan["fingerprint"]["n"], "shard_sizes": [len(s) for s in plan["shards"]],
+               "shared": len(plan["shared"]), "fingerprint": plan["fingerprint"]["sha256"]}
+    t = Table(title=f"plan for {dataset} ({summary['n']} samples, |S| = {summary['shared']})")
+    t.add_column("shard")
+    t.add_column("samples", justify="right")
+    for k, s in enumerate(summary["shard_sizes"]):
+        t.add_row(str(k), f"{s:,}")
+    emit(summary, json_out, t)

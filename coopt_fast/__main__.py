@@ -1,0 +1,3 @@
+from coopt_fast.cli import main
+
+main()

@@ -1,0 +1,263 @@
+"""Step 2b: bring every participant's features into one n-dim space (DESIGN §3).
+
+W_k: seeded Gaussian l_k x n, entries N(0, 1/n) (Johnson-Lindenstrauss); seed recorded.
+Reference: lowest U on S (ties by name), a named participant, or none (W only).
+T_k = argmin ||F_k(S) W_k T - S*||^2 (+ ridge), map_k = W_k T_k, Y_k = F_k(D_k) map_k.
+
+Writes RUN/participants/NAME/aligned.h5:
+  shard/index, shard/targets [n_k, n] float16; shared/index, shared/targets [|S|, n] float16
+  projection [l_k, n] float32 (W_k); map [l_k, n] float32 (W_k T_k)
+  stats/sum, stats/sumsq [n] float64: per-dimension sums of the stored shard targets
+  attrs: reference, residual, dim, projection_seed, ridge, prior, uniformity, ...
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import store
+from .errors import CooptError
+from .extract import check_name, participant_dir
+from .plan import load_plan
+from .progress import bar
+
+APPLY_BLOCK_ROWS = 32768  # rows per grouped launch: 32k x 2048 fp16 = 128 MiB of features at most
+RIDGE_AUTO_FACTOR = 1e-2  # ridge relative to mean squared singular value of F(S)W, when |S| < 4 l_k
+
+
+def participants(run: str | Path) -> list[str]:
+    root = Path(run) / "participants"
+    names = sorted(p.name for p in root.iterdir() if (p / "features.h5").exists()) if root.is_dir() else []
+    return names
+
+
+def projection(l: int, n: int, seed: int) -> torch.Tensor:
+    """W in R^{l x n}, N(0, 1/n), generated on the CPU in float64 so any machine gets the same bits."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(l, n, generator=g, dtype=torch.float64) / np.sqrt(n)).float()
+
+
+def projection_seed(plan_seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{plan_seed}:{name}".encode()).digest()[:7], "little")
+
+
+def fit_map(fs: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ridge: float | None) -> tuple[torch.Tensor, float]:
+    """map = W T with T = argmin ||fs W T - target||^2 + ridge ||T||^2; returns (map, ridge used).
+
+    Factorisation: LAPACK gelsd (SVD, divide and conquer) in float64 on the CPU. It is
+    rank-revealing, so it returns the minimum-norm T when fs W is rank-deficient (n > l_k,
+    or |S| < n), and it never forms (fs W)^T (fs W), whose condition number is the square
+    of fs W's: that keeps the fit accurate when |S| is close to l_k. Ridge is solved as the
+    augmented least-squares problem [A; sqrt(λ) I] T = [target; 0] with the same driver.
+    """
+    a = fs.double() @ w.double()
+    b = target.double()
+    if ridge is None:  # auto: regularise only when S is small relative to the feature dim
+        ridge = RIDGE_AUTO_FACTOR * float(a.square().sum()) / a.shape[1] if fs.shape[0] < 4 * fs.shape[1] else 0.0
+    if ridge < 0:
+        raise CooptError(f"--ridge must be >= 0, got {ridge}")
+    if ridge > 0:
+        n = a.shape[1]
+        a = torch.cat([a, np.sqrt(ridge) * torch.eye(n, dtype=a.dtype)])
+        b = torch.cat([b, torch.zeros(n, b.shape[1], dtype=b.dtype)])
+    t = torch.linalg.lstsq(a, b, driver="gelsd").solution
+    return (w.double() @ t).float(), float(ridge)
+
+
+def _read_published(run: Path, name: str) -> dict:
+    """What participant `name` has published: its uniformity (features.h5 attrs only)."""
+    with store.open_complete(participant_dir(run, name) / "features.h5", "features") as f:
+        return {"uniformity": float(f.attrs["uniformity"]), "prior": str(f.attrs["prior"])}
+
+
+def choose_reference(run: Path, names: list[str], reference: str) -> str | None:
+    if reference == "none":
+        return None
+    if reference != "best":
+        check_name(reference)
+        if not (participant_dir(run, reference) / "features.h5").exists():
+            raise CooptError(f"--reference {reference}: no such participant with features in {run}")
+        return reference
+    scores = {nm: _read_published(run, nm)["uniformity"] for nm in names}
+    finite = {nm: u for nm, u in scores.items() if np.isfinite(u)}
+    if not finite:
+        raise CooptError(f"{run}: no participant has a finite uniformity on S")
+    return min(finite, key=lambda nm: (finite[nm], nm))
+
+
+def align(
+    run: str | Path,
+    dim: int = 512,
+    participant: str | None = None,
+    reference: str = "best",
+    ridge: float | None = None,
+    progress: bool = True,
+) -> dict:
+    """Align one participant (local mode) or all of them; write each aligned.h5."""
+    from .kernels import align_apply
+
+    run = Path(run)
+    if dim < 1:
+        raise CooptError(f"--dim must be >= 1, got {dim}")
+    plan = load_plan(run)
+    everyone = participants(run)
+    if not everyone:
+        raise CooptError(f"{run}: no participant has extracted features yet")
+    if participant is not None and participant not in everyone:
+        check_name(participant)
+        raise CooptError(f"{participant_dir(run, participant) / 'features.h5'}: not found (run extract first)")
+    ref = choose_reference(run, everyone, reference)
+    todo = [participant] if participant else everyone
+    # The reference aligns first: its stored (float16) shared targets are S* for everyone, in
+    # local and in all-participants mode alike, so both modes give the same bits.
+    if ref in todo:
+        todo = [ref] + [p for p in todo if p != ref]
+    t0 = time.perf_counter()
+
+    fits, s_star = {}, None
+    for name in todo:
+        fpath = participant_dir(run, name) / "features.h5"
+        with store.open_complete(fpath, "features") as f:
+            fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
+            meta = {k: f.attrs[k] for k in ("prior", "uniformity", "feature_dim")}
+        seed = projection_seed(plan["seed"], name)
+        w = projection(fs.shape[1], dim, seed)
+        if ref is None or name == ref:
+            m, lam = w, 0.0
+        else:
+            if s_star is None:
+                s_star = _reference_targets(run, ref, dim)
+            if len(fs) < 2 and not ridge:
+                raise CooptError(f"{fpath}: S has {len(fs)} rows, too few for a fit without --ridge")
+            m, lam = fit_map(fs, w, s_star, ridge)
+        shared_t = align_apply([fs.half()], [m])[0][0]
+        if name == ref:
+            s_star = shared_t.float()
+        # The reference (and --reference none) fits nothing: residual 0 by definition.
+        residual = 0.0 if ref is None or name == ref else float(
+            (fs @ m - s_star).norm() / s_star.norm().clamp_min(1e-30))
+        fits[name] = dict(w=w, map=m, ridge=lam, seed=seed, shared=shared_t, residual=residual, meta=meta)
+
+    _apply_all(run, fits, ref, dim, plan, progress, align_apply)
+    rows = [
+        {"participant": nm, "prior": str(ft["meta"]["prior"]), "uniformity": float(ft["meta"]["uniformity"]),
+         "feature_dim": int(ft["meta"]["feature_dim"]), "residual": ft["residual"], "ridge": ft["ridge"],
+         "reference": nm == ref}
+        for nm, ft in fits.items()
+    ]
+    return {"reference": ref, "dim": dim, "participants": rows, "seconds": time.perf_counter() - t0}
+
+
+def _reference_targets(run: Path, ref: str, dim: int) -> torch.Tensor:
+    path = participant_dir(run, ref) / "aligned.h5"
+    if not path.exists():
+        raise CooptError(f"{path}: the reference {ref!r} has not published its shared targets yet (run align --participant {ref})")
+    with store.open_complete(path, "aligned targets") as f:
+        if str(f.attrs["reference"]) != ref or int(f.attrs["dim"]) != dim:
+            raise CooptError(f"{path}: published for reference {f.attrs['reference']!r}, dim {f.attrs['dim']}; expected {ref!r}, {dim}")
+        return torch.from_numpy(f["shared/targets"][:].astype(np.float32))
+
+
+def _apply_all(run: Path, fits: dict, ref, dim: int, plan: dict, progress: bool, align_apply) -> None:
+    """Apply every participant's map to its shard: one grouped launch per block of rows."""
+    srcs, outs = {}, {}
+    try:
+        for name, ft in fits.items():
+            srcs[name] = store.open_complete(participant_dir(run, name) / "features.h5", "features")
+            identity = {"participant": name, "reference": ref or "none", "dim": int(dim), "ridge": float(ft["ridge"]),
+                        "projection_seed": int(ft["seed"]), "features_sha256": _features_id(srcs[name])}
+            path = participant_dir(run, name) / "aligned.h5"
+            f, _ = store.open_partial(path, identity)
+            for key in ("shard/index", "shared/index"):
+                if key not in f:
+                    f.create_dataset(key, data=srcs[name][key][:])
+            for key, val in (("projection", ft["w"]), ("map", ft["map"]), ("shared/targets", ft["shared"])):
+                if key not in f:
+                    f.create_dataset(key, data=val.numpy())
+            n_k = srcs[name]["shard/features"].shape[0]
+            tgt = store.create_rows(f, "shard/targets", n_k, dim)
+            if "stats/sum" not in f:
+                f.create_dataset("stats/sum", data=np.zeros(dim))
+                f.create_dataset("stats/sumsq", data=np.zeros(dim))
+            _resume_stats(f, tgt)
+            f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"],
+                            "uniformity": ft["meta"]["uniformity"], "target_dtype": "float16"})
+            outs[name] = (f, tgt, path)
+        total = sum(srcs[nm]["shard/features"].shape[0] for nm in fits)
+        with bar("align", total, progress, unit="rows") as advance:
+            advance(sum(store.rows_done(t) for _, t, _ in outs.values()))
+            while True:
+                live = [nm for nm, (_, t, _) in outs.items() if store.rows_done(t) < t.shape[0]]
+                if not live:
+                    break
+                xs, maps = [], []
+                for nm in live:
+                    s = store.rows_done(outs[nm][1])
+                    xs.append(torch.from_numpy(srcs[nm]["shard/features"][s : s + APPLY_BLOCK_ROWS]))
+                    maps.append(fits[nm]["map"])
+                ys, sums, sumsqs = align_apply(xs, maps)
+                for g, nm in enumerate(live):
+                    f, tgt, _ = outs[nm]
+                    start = store.rows_done(tgt)
+                    # Order matters for resume: rows flushed, then stats (with the row count
+                    # they cover), then rows_done. A crash between the last two is repaired
+                    # in _resume_stats by trusting stats_rows, whose rows are on disk.
+                    tgt[start : start + len(ys[g])] = ys[g].numpy()
+                    f.flush()
+                    f["stats/sum"][...] = f["stats/sum"][:] + sums[g].numpy()
+                    f["stats/sumsq"][...] = f["stats/sumsq"][:] + sumsqs[g].numpy()
+                    f.attrs["stats_rows"] = start + len(ys[g])
+                    f.flush()
+                    tgt.attrs["rows_done"] = start + len(ys[g])
+                    f.flush()
+                    advance(len(ys[g]))
+        for f, _, path in outs.values():
+            f.attrs["reference"] = ref or "none"
+            store.publish(f, path)
+        outs.clear()
+    finally:
+        for f, _, _ in outs.values():
+            if f.id.valid:
+                f.close()
+        for s in srcs.values():
+            s.close()
+
+
+def _resume_stats(f, tgt) -> None:
+    """Make rows_done and the stats agree after a crash (see the write order in _apply_all)."""
+    stats_rows = int(f.attrs.get("stats_rows", 0))
+    if stats_rows > store.rows_done(tgt):
+        tgt.attrs["rows_done"] = stats_rows
+    elif stats_rows < store.rows_done(tgt):  # cannot happen with that order; refuse to guess
+        raise CooptError(f"{f.filename}: statistics and rows disagree; remove the .partial file and rerun align")
+
+
+def _features_id(f) -> str:
+    """Identifies the features an aligned file was made from (path-independent)."""
+    return f"{f.attrs['participant']}|{f.attrs['prior']}|{f.attrs['seed']}|{f.attrs['created']}"
+
+
+def score(run: str | Path) -> dict:
+    """Rank participants by U on S (lower is better), recomputed from the stored shared features."""
+    from .kernels import uniformity
+
+    run = Path(run)
+    names = participants(run)
+    if not names:
+        raise CooptError(f"{run}: no participant has extracted features yet")
+    rows = []
+    for nm in names:
+        with store.open_complete(participant_dir(run, nm) / "features.h5", "features") as f:
+            fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
+            rows.append({"participant": nm, "prior": str(f.attrs["prior"]), "feature_dim": int(f.attrs["feature_dim"]),
+                         "rows": int(f["shard/features"].shape[0]), "shared_rows": len(fs),
+                         "uniformity": float(uniformity(fs)) if len(fs) >= 2 else float("nan"),
+                         "published_uniformity": float(f.attrs["uniformity"])})
+    order = sorted(rows, key=lambda r: (not np.isfinite(r["uniformity"]), r["uniformity"], r["participant"]))
+    for rank, r in enumerate(order, 1):
+        r["rank"] = rank
+    return {"participants": order, "best": order[0]["participant"]}

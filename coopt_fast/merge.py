@@ -1,0 +1,155 @@
+"""Step 4, data merging: validate every aligned upload, write RUN/merged.h5 in global order.
+
+merged.h5 (contiguous, unfiltered datasets: the loader np.memmaps them):
+  targets      float16 [N', n]   row r = sample index[r]
+  index        int64   [N']      ascending global sample indices (all of range(N) unless --allow-missing)
+  participant  int16   [N']      position of the row's participant in attr `participants`
+  target_mean, target_std  float32 [n]   from the uploads' per-dimension sums (no second pass)
+  images       uint8   [N', H, W, C]     for in-memory data sets up to MAX_IMAGE_BYTES
+  attrs: participants (JSON), dataset, limit, fingerprint (JSON), dim, target_dtype,
+         inputs (JSON {relative path: sha256}), coverage (N'/N), reference
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import store
+from .align import participants as list_participants
+from .errors import CooptError
+from .extract import participant_dir
+from .plan import load_plan, plan_dataset
+from .priors import file_sha256
+from .progress import bar
+
+MAX_IMAGE_BYTES = 4 << 30   # hold images in the store up to 4 GiB (ImageNet-size data stays in its files)
+COPY_BLOCK_ROWS = 65536
+
+
+def _validate(run: Path, name: str, plan: dict) -> dict:
+    """One upload against the plan; any fault is a CooptError naming the participant and the fault."""
+    path = participant_dir(run, name) / "aligned.h5"
+    where = f"participant {name} ({path})"
+    try:
+        f = store.open_complete(path, "aligned targets")
+    except CooptError as e:
+        raise CooptError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
+    with f:
+        for key in ("shard/index", "shard/targets", "stats/sum", "stats/sumsq"):
+            if key not in f:
+                raise CooptError(f"{where}: missing dataset {key}")
+        idx = f["shard/index"][:]
+        tg = f["shard/targets"]
+        shard = int(f.attrs.get("shard", -1)) if "shard" in f.attrs else None
+        if tg.ndim != 2 or tg.shape[0] != len(idx):
+            raise CooptError(f"{where}: shard/targets shape {tg.shape} does not match {len(idx)} indices")
+        if tg.dtype != np.float16:
+            raise CooptError(f"{where}: shard/targets dtype {tg.dtype}, expected float16")
+        if len(np.unique(idx)) != len(idx):
+            raise CooptError(f"{where}: shard/index has duplicate indices")
+        n = plan["fingerprint"]["n"]
+        if len(idx) and (idx.min() < 0 or idx.max() >= n):
+            raise CooptError(f"{where}: shard/index out of range [0, {n})")
+        matches = [k for k, s in enumerate(plan["shards"]) if len(s) == len(idx) and np.array_equal(s, idx)]
+        if not matches:
+            raise CooptError(f"{where}: shard/index is not exactly one shard of the plan")
+        for s in range(0, tg.shape[0], COPY_BLOCK_ROWS):
+            if not np.isfinite(tg[s : s + COPY_BLOCK_ROWS]).all():
+                raise CooptError(f"{where}: shard/targets has NaN or Inf values")
+        return {"name": name, "path": path, "shard": matches[0], "dim": tg.shape[1], "reference": str(f.attrs["reference"]),
+                "sum": f["stats/sum"][:], "sumsq": f["stats/sumsq"][:], "rows": len(idx), "shard_attr": shard}
+
+
+def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -> dict:
+    """Validate uploads and write RUN/merged.h5 (atomically: merged.h5.partial, then rename)."""
+    run = Path(run)
+    t0 = time.perf_counter()
+    plan = load_plan(run)
+    names = [nm for nm in list_participants(run) if (participant_dir(run, nm) / "aligned.h5").exists()]
+    if not names:
+        raise CooptError(f"{run}: no aligned uploads (run align first)")
+    ups = [_validate(run, nm, plan) for nm in names]
+    dims = {u["dim"] for u in ups}
+    refs = {u["reference"] for u in ups}
+    if len(dims) > 1:
+        raise CooptError(f"{run}: uploads disagree on the target dim: " + ", ".join(f"{u['name']}={u['dim']}" for u in ups))
+    if len(refs) > 1:
+        raise CooptError(f"{run}: uploads were aligned to different references: " + ", ".join(f"{u['name']}={u['reference']}" for u in ups))
+    by_shard: dict[int, dict] = {}
+    for u in ups:
+        if u["shard"] in by_shard:
+            raise CooptError(f"participant {u['name']}: covers shard {u['shard']}, already uploaded by {by_shard[u['shard']]['name']}")
+        by_shard[u["shard"]] = u
+    missing = [k for k in range(plan["participants"]) if k not in by_shard]
+    if missing and not allow_missing:
+        raise CooptError(f"{run}: shards {missing} have no upload (use --allow-missing to merge without them)")
+    ds = plan_dataset(plan)
+
+    dim = dims.pop()
+    n_total = plan["fingerprint"]["n"]
+    index = np.sort(np.concatenate([np.asarray(plan["shards"][k], dtype=np.int64) for k in sorted(by_shard)]))
+    row_of = np.full(n_total, -1, dtype=np.int64)
+    row_of[index] = np.arange(len(index))
+    owner = np.empty(len(index), dtype=np.int16)
+    s = sum(u["sum"] for u in ups)
+    ss = sum(u["sumsq"] for u in ups)
+    mean = s / len(index)
+    std = np.sqrt(np.maximum(ss / len(index) - mean**2, 0.0))
+    hold_images = ds.images is not None and ds.images[:1].nbytes * len(index) <= MAX_IMAGE_BYTES
+    inputs = {str(u["path"].relative_to(run)): file_sha256(u["path"]) for u in ups}
+
+    def fill(f: h5py.File) -> None:
+        for k, v in store.provenance(
+            participants=json.dumps([u["name"] for u in ups]), dataset=plan["dataset"],
+            limit=-1 if plan.get("limit") is None else int(plan["limit"]),
+            fingerprint=json.dumps(plan["fingerprint"]), dim=int(dim), target_dtype="float16",
+            inputs=json.dumps(inputs), coverage=len(index) / n_total, reference=ups[0]["reference"],
+        ).items():
+            f.attrs[k] = v
+        store.create_contiguous(f, "targets", (len(index), dim), np.float16)
+        if hold_images:
+            store.create_contiguous(f, "images", (len(index),) + ds.images.shape[1:], np.uint8)
+        for pos, u in enumerate(ups):
+            owner[row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)]] = pos
+        f.create_dataset("index", data=index)
+        f.create_dataset("participant", data=owner)
+        f.create_dataset("target_mean", data=mean.astype(np.float32))
+        f.create_dataset("target_std", data=std.astype(np.float32))
+
+    # Layout first (h5py), then bulk bytes through np.memmap: a scatter of whole rows into
+    # global order is one numpy fancy assignment per block, where h5py's point selections
+    # cost per index. Published (complete + rename) only after the bytes are flushed.
+    out, part = run / "merged.h5", store.partial_path(run / "merged.h5")
+    try:
+        with h5py.File(part, "w") as f:
+            fill(f)
+        tg = store.memmap(part, "targets", mode="r+")
+        with bar("merge", len(index), progress, unit="rows") as advance:
+            for u in ups:
+                rows = row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)]
+                with h5py.File(u["path"], "r") as src:
+                    src_t = src["shard/targets"]
+                    for b in range(0, len(rows), COPY_BLOCK_ROWS):
+                        tg[rows[b : b + COPY_BLOCK_ROWS]] = src_t[b : b + COPY_BLOCK_ROWS]
+                        advance(min(COPY_BLOCK_ROWS, len(rows) - b))
+            if hold_images:
+                im = store.memmap(part, "images", mode="r+")
+                for b in range(0, len(index), COPY_BLOCK_ROWS):
+                    im[b : b + COPY_BLOCK_ROWS] = ds.images[index[b : b + COPY_BLOCK_ROWS]]
+                im.flush()
+                del im
+        tg.flush()
+        del tg
+        store.publish(h5py.File(part, "r+"), out)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    return {
+        "path": str(run / "merged.h5"), "rows": int(len(index)), "dim": int(dim), "participants": [u["name"] for u in ups],
+        "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images),
+        "seconds": time.perf_counter() - t0,
+    }

@@ -1,0 +1,222 @@
+"""Prior models: architectures, checkpoints, preprocessing, and the `labels` prior.
+
+A prior SPEC is `ARCH`, `ARCH:CHECKPOINT` or `labels`:
+  ARCH        convnet (small CNN for 28-32 px images on a CPU) or a torchvision classification
+              architecture (resnet18, resnet50, mobilenet_v2, efficientnet_b0, vit_b_16, swin_v2_t, ...)
+  CHECKPOINT  local .pt/.pth (loaded with torch.load(weights_only=True): tensors and plain
+              containers only, never arbitrary pickles) or .safetensors (recommended)
+  labels      human annotation: one-hot over the data set's classes
+
+Features are the penultimate layer: the architecture's last nn.Linear (its classifier) is
+replaced by nn.Identity. Without a checkpoint the network is randomly initialised from
+`seed`, on the CPU, so the same spec and seed give the same network on any machine.
+
+Checkpoint layout written by coopt-fast (`save_checkpoint`):
+  .pt:          {"state_dict": {name: tensor}, "meta": {...}}
+  .safetensors: the state dict, with meta as JSON under the metadata key "coopt"
+meta keys: arch, input_size, mean, std, and provenance (method, epochs, data, seed, ...).
+A plain state dict (e.g. a torchvision one, classifier included) loads too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import CooptError
+
+# Defaults when a checkpoint records no preprocessing. ImageNet statistics for the torchvision
+# architectures (what their published weights expect); a symmetric 0.5/0.5 for convnet.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CONVNET_MEAN, CONVNET_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+DEFAULT_INPUT_SIZE = {"convnet": 32, "swin_v2_t": 256}  # everything else: 224
+
+
+class ConvNet(nn.Module):
+    """Four conv-BN-ReLU blocks and global pooling: `width*8`-d features, ~1.2M params at width 32.
+
+    Sized for 28-32 px images on a CPU (a 32 px batch of 256 runs in ~0.1 s on 2 cores).
+    """
+
+    def __init__(self, width: int = 32):
+        super().__init__()
+
+        def block(cin, cout, pool):
+            layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return layers + ([nn.MaxPool2d(2)] if pool else [])
+
+        w = width
+        self.features = nn.Sequential(
+            *block(3, w, False), *block(w, 2 * w, True), *block(2 * w, 4 * w, True), *block(4 * w, 8 * w, False),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.out_dim = 8 * w
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def _replace_last_linear(model: nn.Module) -> tuple[str, int]:
+    """Swap the classifier (last nn.Linear) for Identity; return its name and input dim."""
+    name, lin = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], nn.Identity())
+    return name, lin.in_features
+
+
+def build_backbone(arch: str, input_size: int | None = None, seed: int = 0) -> tuple[nn.Module, int, str | None]:
+    """A randomly initialised feature extractor: (module, feature dim, removed head's name).
+
+    Initialised on the CPU under a fixed seed so weights are identical across machines.
+    """
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if arch == "convnet":
+            m = ConvNet()
+            return m, m.out_dim, None
+        if arch not in torchvision.models.list_models(module=torchvision.models):
+            raise CooptError(f"unknown architecture {arch!r} (use convnet or a torchvision classifier such as resnet18)")
+        kwargs = {}
+        if arch.startswith("vit_") and input_size:  # ViT's position embeddings fix the input size
+            kwargs["image_size"] = input_size
+        m = torchvision.models.get_model(arch, weights=None, **kwargs)
+        head, dim = _replace_last_linear(m)
+        return m, dim, head
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(state_dict, meta) from a .pt/.pth (weights_only) or .safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CooptError(f"{path}: checkpoint not found")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get("coopt", "{}"))
+                state = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CooptError(f"{path}: not a readable safetensors file ({e})") from None
+        return state, meta
+    if path.suffix not in (".pt", ".pth"):
+        raise CooptError(f"{path}: checkpoint must be .pt, .pth or .safetensors")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything beyond tensors/containers
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CooptError(f"{path}: refused to load (only plain tensors are accepted: {first})") from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        return obj["state_dict"], dict(obj.get("meta") or {})
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, {}
+    raise CooptError(f"{path}: expected a state dict (name -> tensor) or {{'state_dict', 'meta'}}")
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
+    """Write a backbone checkpoint atomically (tmp file + rename): a crash leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp), metadata={"coopt": json.dumps(meta)})
+    else:
+        torch.save({"state_dict": state, "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def load_backbone(arch: str, checkpoint: str | Path | None, seed: int = 0) -> tuple[nn.Module, int, dict]:
+    """Backbone with checkpoint weights (or seeded random init): (module, feature dim, meta)."""
+    meta: dict = {}
+    state = None
+    if checkpoint is not None:
+        state, meta = read_checkpoint(checkpoint)
+        if meta.get("arch") and meta["arch"] != arch:
+            raise CooptError(f"{checkpoint}: checkpoint is for architecture {meta['arch']!r}, not {arch!r}")
+    model, dim, head = build_backbone(arch, meta.get("input_size"), seed)
+    if state is not None:
+        if head:  # a full classifier checkpoint: drop the head we replaced
+            state = {k: v for k, v in state.items() if not k.startswith(head + ".")}
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            msg = str(e).replace("\n", " ")
+            raise CooptError(f"{checkpoint}: does not fit architecture {arch!r}: {msg[:300]}") from None
+    model.eval()
+    return model, dim, meta
+
+
+@dataclass
+class Prior:
+    """A loaded prior: what extract needs to turn uint8 images into feature vectors."""
+
+    spec: str
+    arch: str
+    model: nn.Module | None       # None for the labels prior
+    dim: int
+    input_size: int
+    mean: tuple
+    std: tuple
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def parse_prior_spec(spec: str) -> tuple[str, str | None]:
+    arch, _, ckpt = spec.partition(":")
+    if not arch:
+        raise CooptError(f"prior {spec!r}: expected ARCH, ARCH:CHECKPOINT or labels")
+    return arch, (ckpt or None)
+
+
+def load_prior(spec: str, seed: int = 0, num_classes: int | None = None) -> Prior:
+    arch, ckpt = parse_prior_spec(spec)
+    if arch == "labels":
+        if ckpt:
+            raise CooptError(f"prior {spec!r}: the labels prior takes no checkpoint")
+        if not num_classes:
+            raise CooptError("the labels prior needs a data set with labels")
+        return Prior(spec, "labels", None, num_classes, 0, (), ())
+    model, dim, meta = load_backbone(arch, ckpt, seed)
+    default_mean, default_std = (CONVNET_MEAN, CONVNET_STD) if arch == "convnet" else (IMAGENET_MEAN, IMAGENET_STD)
+    return Prior(
+        spec=spec, arch=arch, model=model, dim=dim,
+        input_size=int(meta.get("input_size") or DEFAULT_INPUT_SIZE.get(arch, 224)),
+        mean=tuple(meta.get("mean") or default_mean), std=tuple(meta.get("std") or default_std),
+        checkpoint=ckpt, checkpoint_sha256=file_sha256(ckpt) if ckpt else None, meta=meta,
+    )
+
+
+def preprocess(images: torch.Tensor, input_size: int, mean, std) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> normalised float32 [B, 3, S, S] (grayscale expanded to RGB).
+
+    Bilinear resize with antialias (matters when shrinking large images; a no-op cost when
+    the size already matches, which we skip).
+    """
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (input_size, input_size):
+        x = F.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s

@@ -1,0 +1,185 @@
+"""The HDF5 store: format version, provenance, resumable chunked appends, atomic publish.
+
+Every file is written as `NAME.partial` and renamed to `NAME` only after its writer has set
+the root attribute `complete = True` and closed it, so a file under its final name is always
+whole. A partial file carries `rows_done` on each appended dataset, updated after the rows
+are flushed: a rerun reopens it and continues from there (kill -9 included; a partial that
+HDF5 can no longer open is discarded and started over).
+
+Feature/target datasets are chunked along rows (`chunk_rows`) with the fletcher32 checksum
+filter, so a flipped bit is an HDF5 read error rather than a silent wrong number. The merged
+store is the exception: contiguous and unfiltered, so the loader can np.memmap it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import CooptError
+
+FORMAT_VERSION = 1
+VERSION = "0.1.0"
+
+# Chunk rule: aim for 256 KiB per chunk, always within [10 KiB, 1 MiB] along the row axis.
+# 256 KiB amortises HDF5's per-chunk overhead and checksum while a resume loses little work.
+CHUNK_TARGET_BYTES = 256 << 10
+CHUNK_MIN_BYTES, CHUNK_MAX_BYTES = 10 << 10, 1 << 20
+
+
+def chunk_rows(row_bytes: int, total_rows: int | None = None) -> int:
+    rows = max(1, CHUNK_TARGET_BYTES // max(1, row_bytes))
+    rows = max(rows, -(-CHUNK_MIN_BYTES // max(1, row_bytes)))
+    rows = min(rows, max(1, CHUNK_MAX_BYTES // max(1, row_bytes)))
+    return max(1, min(rows, total_rows)) if total_rows else rows
+
+
+def provenance(**attrs) -> dict:
+    base = {
+        "format_version": FORMAT_VERSION,
+        "coopt_version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+    }
+    base.update({k: ("" if v is None else v) for k, v in attrs.items()})
+    return base
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+def open_partial(path: Path, identity: dict) -> tuple[h5py.File, bool]:
+    """Open `path.partial` to resume if it was started with the same `identity`, else start fresh.
+
+    identity: attributes that must match for the old rows to be reusable (prior, seed,
+    batch size, plan fingerprint, ...). Returns (file, resumed).
+    """
+    part = partial_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if part.exists():
+        try:
+            f = h5py.File(part, "a")
+            same = all(_attr_eq(f.attrs.get(k), v) for k, v in identity.items())
+            if same:
+                return f, True
+            f.close()
+        except (OSError, KeyError):
+            pass  # unreadable after a crash mid-metadata-write: start over
+        part.unlink()
+    f = h5py.File(part, "w")
+    for k, v in provenance(**identity).items():
+        f.attrs[k] = v
+    f.attrs["complete"] = False
+    return f, False
+
+
+def _attr_eq(a, b) -> bool:
+    if isinstance(a, bytes):
+        a = a.decode()
+    if isinstance(a, np.generic):
+        a = a.item()
+    return a == b
+
+
+def create_rows(f: h5py.File, name: str, total: int, width: int, dtype=np.float16) -> h5py.Dataset:
+    """A chunked, checksummed [total, width] dataset filled by `append_rows`; reused on resume."""
+    if name in f:
+        ds = f[name]
+        if ds.shape != (total, width) or ds.dtype != np.dtype(dtype):
+            raise CooptError(f"{f.filename}:{name}: partial has shape {ds.shape}, expected {(total, width)}")
+        return ds
+    rows = chunk_rows(width * np.dtype(dtype).itemsize, total)
+    ds = f.create_dataset(name, shape=(total, width), dtype=dtype, chunks=(rows, width) if total else None,
+                          fletcher32=bool(total))
+    ds.attrs["rows_done"] = 0
+    return ds
+
+
+def rows_done(ds: h5py.Dataset) -> int:
+    return int(ds.attrs.get("rows_done", ds.shape[0]))
+
+
+def append_rows(ds: h5py.Dataset, block: np.ndarray) -> None:
+    """Write `block` at rows_done, flush the data, then advance rows_done (in that order)."""
+    start = rows_done(ds)
+    ds[start : start + len(block)] = block
+    ds.file.flush()
+    ds.attrs["rows_done"] = start + len(block)
+    ds.file.flush()
+
+
+def publish(f: h5py.File, path: Path) -> None:
+    """Mark complete, close, and atomically rename NAME.partial -> NAME."""
+    f.attrs["complete"] = True
+    f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    f.close()
+    os.replace(partial_path(path), path)
+
+
+def write_complete(path: Path, fill) -> None:
+    """Write a whole file with `fill(h5file)` under NAME.partial, then publish it."""
+    part = partial_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        f = h5py.File(part, "w")
+        fill(f)
+        publish(f, path)
+    except BaseException:
+        try:
+            f.close()
+        except Exception:
+            pass
+        part.unlink(missing_ok=True)
+        raise
+
+
+def open_complete(path: Path, what: str) -> h5py.File:
+    """Open a published store file read-only; one clear error for every way it can be wrong."""
+    path = Path(path)
+    if not path.exists():
+        hint = " (a partial file exists: its writer has not finished)" if partial_path(path).exists() else ""
+        raise CooptError(f"{path}: {what} not found{hint}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise CooptError(f"{path}: not a readable HDF5 file (truncated or not HDF5)") from None
+    version = f.attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        f.close()
+        raise CooptError(f"{path}: format_version is {version}, this coopt-fast reads {FORMAT_VERSION}")
+    if not bool(f.attrs.get("complete", False)):
+        f.close()
+        raise CooptError(f"{path}: marked incomplete")
+    return f
+
+
+def attr_json(f: h5py.File, name: str):
+    v = f.attrs[name]
+    return json.loads(v.decode() if isinstance(v, bytes) else v)
+
+
+def create_contiguous(f: h5py.File, name: str, shape: tuple, dtype) -> h5py.Dataset:
+    """A contiguous, unfiltered dataset whose file space is allocated now (not at first write),
+    so its byte offset is known and it can be filled and read through np.memmap."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every byte is written by the filler
+    return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
+
+
+def memmap(path: Path, name: str, mode: str = "r") -> np.memmap:
+    """np.memmap over a contiguous dataset: zero-copy reads/writes at its file offset."""
+    with h5py.File(path, "r") as f:
+        ds = f[name]
+        if ds.chunks is not None or ds.compression is not None:
+            raise CooptError(f"{path}:{name}: chunked/compressed; only contiguous datasets can be memory-mapped")
+        offset, shape, dtype = ds.id.get_offset(), ds.shape, ds.dtype
+    if offset is None:
+        raise CooptError(f"{path}:{name}: has no storage allocated")
+    return np.memmap(path, mode=mode, dtype=dtype, offset=offset, shape=shape)

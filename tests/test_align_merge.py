@@ -1,0 +1,169 @@
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import coopt_fast
+from coopt_fast import store
+from coopt_fast.align import fit_map, projection, projection_seed
+from coopt_fast.errors import CooptError
+from coopt_fast.plan import load_plan
+
+from .conftest import requires_fmnist
+
+pytestmark = requires_fmnist
+
+
+def _h5(path, *keys):
+    with h5py.File(path, "r") as f:
+        return [f[k][:] for k in keys]
+
+
+def test_targets_are_features_times_map(small_run):
+    for name in ("alice", "bob", "carol"):
+        d = small_run / "participants" / name
+        feats, = _h5(d / "features.h5", "shard/features")
+        tg, m, w = _h5(d / "aligned.h5", "shard/targets", "map", "projection")
+        want = (torch.from_numpy(feats).float() @ torch.from_numpy(m)).half().numpy()
+        assert np.array_equal(tg, want), name
+        plan = load_plan(small_run)
+        assert np.array_equal(w, projection(feats.shape[1], 32, projection_seed(plan["seed"], name)).numpy())
+
+
+def test_reference_is_best_uniformity_and_publishes_s_star(small_run):
+    s = coopt_fast.score(small_run)
+    best = s["best"]
+    with h5py.File(small_run / "participants" / best / "aligned.h5", "r") as f:
+        assert f.attrs["reference"] == best and float(f.attrs["residual"]) == 0.0
+        assert np.array_equal(f["map"][:], f["projection"][:])
+    us = [r["uniformity"] for r in s["participants"]]
+    assert us == sorted(us)
+
+
+def test_fit_matches_numpy_lstsq():
+    g = torch.Generator().manual_seed(0)
+    fs = torch.randn(300, 40, generator=g)
+    w = projection(40, 24, 1)
+    target = torch.randn(300, 24, generator=g)
+    m, lam = fit_map(fs, w, target, ridge=0.0)
+    t_np = np.linalg.lstsq((fs.double() @ w.double()).numpy(), target.double().numpy(), rcond=None)[0]
+    assert lam == 0.0
+    np.testing.assert_allclose(m.numpy(), (w.double().numpy() @ t_np), rtol=1e-4, atol=1e-5)
+
+
+def test_fit_accurate_when_s_close_to_l():
+    """|S| = l_k + 2: normal equations would square an already large condition number."""
+    g = torch.Generator().manual_seed(1)
+    fs = torch.randn(66, 64, generator=g, dtype=torch.float64)
+    true = torch.randn(64, 16, generator=g, dtype=torch.float64)
+    w = projection(64, 80, 2)  # n > l_k: W has full row rank, any l_k x n map is W T
+    m, _ = fit_map(fs.float(), w, (fs @ true).float(), ridge=0.0)
+    assert torch.allclose(m.double(), true, atol=1e-3), (m.double() - true).abs().max()
+
+
+def test_reference_none_is_w_only(tmp_path, small_run):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    coopt_fast.align(run, dim=32, reference="none", progress=False)
+    for name in ("alice", "bob"):
+        feats, = _h5(run / "participants" / name / "features.h5", "shard/features")
+        tg, m, w = _h5(run / "participants" / name / "aligned.h5", "shard/targets", "map", "projection")
+        assert np.array_equal(m, w)
+        assert np.array_equal(tg, (torch.from_numpy(feats).float() @ torch.from_numpy(w)).half().numpy())
+
+
+def test_local_mode_equals_all_at_once(tmp_path, small_run):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    for d in (run / "participants").iterdir():
+        (d / "aligned.h5").unlink()
+    best = coopt_fast.score(run)["best"]
+    other = next(n for n in ("alice", "bob", "carol") if n != best)
+    with pytest.raises(CooptError, match="has not published"):
+        coopt_fast.align(run, dim=32, participant=other, progress=False)
+    coopt_fast.align(run, dim=32, participant=best, progress=False)
+    coopt_fast.align(run, dim=32, participant=other, progress=False)
+    a, = _h5(run / "participants" / other / "aligned.h5", "shard/targets")
+    b, = _h5(small_run / "participants" / other / "aligned.h5", "shard/targets")
+    assert np.array_equal(a, b)
+
+
+def test_merged_store_layout(small_run):
+    plan = load_plan(small_run)
+    with store.open_complete(small_run / "merged.h5", "merged") as f:
+        assert f["targets"].chunks is None and f["targets"].compression is None
+        assert f["index"][:].tolist() == list(range(2000))
+        names = json.loads(f.attrs["participants"])
+        owner = f["participant"][:]
+        tg = f["targets"][:]
+        mean, std = f["target_mean"][:], f["target_std"][:]
+        inputs = json.loads(f.attrs["inputs"])
+    assert set(inputs) == {f"participants/{n}/aligned.h5" for n in names}
+    for pos, name in enumerate(names):
+        rows, = np.nonzero(owner == pos)
+        want, idx = _h5(small_run / "participants" / name / "aligned.h5", "shard/targets", "shard/index")
+        assert np.array_equal(rows, idx) and np.array_equal(tg[rows], want)
+    np.testing.assert_allclose(mean, tg.astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, tg.astype(np.float64).std(0), rtol=1e-4, atol=1e-6)
+    mm = store.memmap(small_run / "merged.h5", "targets")
+    assert np.array_equal(np.asarray(mm), tg)
+
+
+def _corrupt(run, name, fn):
+    p = run / "participants" / name / "aligned.h5"
+    with h5py.File(p, "r+") as f:
+        fn(f)
+
+
+def _steal_one_index(f):
+    """Replace the upload's last index with one from shard 0 (still unique, still ascending-ish)."""
+    with h5py.File(f.filename.replace("bob", "alice"), "r") as a:
+        other = a["shard/index"][-1]
+    f["shard/index"][-1] = other
+
+
+@pytest.mark.parametrize("fault, msg", [
+    (lambda f: f["shard/targets"].__setitem__((0, 0), np.nan), "NaN or Inf"),
+    (lambda f: f["shard/index"].__setitem__(0, f["shard/index"][1]), "duplicate"),
+    (lambda f: f["shard/index"].__setitem__(0, 10**9), "out of range"),
+    (lambda f: f.attrs.__setitem__("complete", False), "incomplete"),
+    (lambda f: f.attrs.__setitem__("format_version", 99), "format_version is 99"),
+    (lambda f: _steal_one_index(f), "exactly one shard"),
+])
+def test_merge_refuses_bad_uploads(tmp_path, small_run, fault, msg):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    (run / "merged.h5").unlink()
+    _corrupt(run, "bob", fault)
+    with pytest.raises(CooptError, match=msg) as e:
+        coopt_fast.merge(run, progress=False)
+    assert "bob" in str(e.value)
+    assert not (run / "merged.h5").exists() and not (run / "merged.h5.partial").exists()
+
+
+def test_merge_missing_shard(tmp_path, small_run):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    (run / "participants" / "carol" / "aligned.h5").unlink()
+    with pytest.raises(CooptError, match=r"shards \[2\] have no upload"):
+        coopt_fast.merge(run, progress=False)
+    s = coopt_fast.merge(run, allow_missing=True, progress=False)
+    assert s["missing_shards"] == [2] and s["rows"] == 2000 - len(load_plan(run)["shards"][2])
+
+
+def test_duplicate_upload_of_a_shard(tmp_path, small_run):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    shutil.copytree(run / "participants" / "bob", run / "participants" / "mallory")
+    with pytest.raises(CooptError, match="covers shard 1, already uploaded by bob"):
+        coopt_fast.merge(run, progress=False)
+
+
+def test_inspect_alignment_lowers_inconsistency(small_run):
+    s = coopt_fast.inspect(small_run)
+    g = s["inconsistency"]
+    assert g["before"] > 0.5 > g["after"], g
+    assert (small_run / "inspect.png").stat().st_size > 10_000

@@ -1,0 +1,60 @@
+"""The data-side commands through Typer's CliRunner: exit codes, --json, one-line errors."""
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from coopt_fast.cli import app
+
+from .conftest import requires_fmnist
+
+pytestmark = requires_fmnist
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_help_lists_every_command():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for cmd in ("split", "extract", "score", "align", "merge", "inspect"):
+        assert cmd in r.output
+    r = invoke("extract", "--help")
+    assert r.exit_code == 0 and "resumes" in r.output
+
+
+def test_pipeline_through_the_cli(tmp_path):
+    run = tmp_path / "run"
+    r = invoke("split", "fashion-mnist", "--out", run, "-k", "2", "--limit", "300", "--shared-fraction", "0.2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["shard_sizes"] == [150, 150]
+    for k, prior in enumerate(("labels", "convnet")):
+        r = invoke("extract", run, "--participant", f"p{k}", "--shard", k, "--prior", prior, "--quiet", "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["rows"] == 150
+    r = invoke("score", run, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["best"] == "p0"
+    r = invoke("align", run, "--dim", "16", "--quiet", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["reference"] == "p0", r.output
+    r = invoke("merge", run, "--quiet", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["rows"] == 300
+    r = invoke("inspect", run, "--json", "--no-plot")
+    assert r.exit_code == 0 and set(json.loads(r.stdout)["inconsistency"]) == {"before", "after"}
+
+
+@pytest.mark.parametrize("args, msg", [
+    (("split", "nope", "--out", "{tmp}/r"), "unknown dataset spec"),
+    (("split", "fashion-mnist", "--out", "{tmp}/r", "--sizes", "1,x"), "--sizes"),
+    (("extract", "{tmp}/missing", "--participant", "a", "--shard", "0", "--prior", "convnet"), "no plan"),
+    (("align", "{tmp}/missing"), "no plan"),
+    (("merge", "{tmp}/missing"), "no plan"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, msg):
+    r = invoke(*[a.format(tmp=tmp_path) for a in args])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], r.stderr
+    assert not (tmp_path / "r").exists()
