@@ -16,17 +16,25 @@ def extract(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     round_: int = typer.Option(0, "--round", help="collaboration round, recorded in the file"),
     seed: int = typer.Option(0, "--seed", help="seeds a checkpoint-less prior's random initialisation"),
+    decoder: str = typer.Option("auto", "--decoder", help="dali | torchvision | auto (the faster one measured for this input)"),
+    compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the prior (compile time reported apart)"),
+    on_bad_image: str = typer.Option("fail", "--on-bad-image", help="fail (name the file) | skip (record it, zero row)"),
+    workers: int = typer.Option(None, "--workers", help="decode threads/processes (default: min(4, cores))"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
 ):
     """Step 2a: features of your shard and of S with your prior -> RUN/participants/NAME/features.h5.
 
     Interrupted (even by kill -9) and rerun with the same options, it resumes at the last
-    written batch and ends with the same values as an uninterrupted run.
+    written batch and ends with the same values as an uninterrupted run. Under
+    `torchrun --nproc_per_node=G -m coopt_fast extract ...` the shard is split across ranks
+    and stitched into the one features.h5.
     """
     s = coopt_fast.extract(run, participant, shard, prior, batch_size=batch_size, device=device, round=round_,
-                           seed=seed, progress=not quiet)
+                           seed=seed, decoder=decoder, compile=compile, on_bad_image=on_bad_image, workers=workers,
+                           progress=not quiet)
     t = Table(title=f"extract {participant}")
-    for k in ("prior", "rows", "shared_rows", "feature_dim", "uniformity", "seconds", "resumed", "skipped"):
+    for k in ("prior", "rows", "shared_rows", "skipped_images", "feature_dim", "uniformity", "decoder",
+              "seconds", "compile_seconds", "model_seconds", "resumed", "skipped"):
         t.add_row(k, f"{s[k]:.4f}" if isinstance(s[k], float) else str(s[k]))
     emit(s, json_out, t)

@@ -3,30 +3,47 @@
 Writes RUN/participants/NAME/features.h5:
   shared/index [|S|] int64, shared/features [|S|, l] float16   (computed first: small)
   shard/index [n_k] int64,  shard/features [n_k, l] float16    (plan order)
-  attrs: participant, shard, prior, checkpoint_sha256, seed, round, batch_size, feature_dim,
-         uniformity (U on S, computed from the stored float16 features), dataset_sha256, ...
+  shard/skipped, shared/skipped  int64   sample ids of images that failed to decode under
+                                         --on-bad-image skip (their feature rows are zeros)
+  attrs: participant, shard, prior, checkpoint_sha256, seed, round, feature_dim,
+         uniformity (U on S, from the stored float16 features), dataset_sha256, timings
 
-Resumable: rows are appended batch by batch to features.h5.partial with `rows_done` advanced
-after each flush; a rerun with the same identity continues at the first missing batch. The
-batches are the same as in an uninterrupted run (same batch size, same starts), so the
-result is the same value for value.
+The engine: decode (coopt_fast.decode: DALI or torchvision, prefetching) overlaps the model
+(channels_last, inference_mode, bf16 autocast on CUDA, optionally torch.compile'd), which
+overlaps the HDF5 writes (a background thread behind a bounded queue).
+
+Resumable: rows are appended batch by batch to features.h5.partial, `rows_done` advanced after
+each flush; a rerun continues at the first missing row. Eager features do not depend on the
+batch size or thread count (checked in tests; a batch of one row takes another conv algorithm,
+so one-row batches are padded to two), so the datasets come out value for value the same.
+
+Scaling out: under torchrun (WORLD_SIZE > 1) each rank takes a contiguous slice of S and of the
+shard and writes features.rankR.h5; rank 0 then stitches the parts, in plan order, into the one
+features.h5 (a copy rather than an HDF5 virtual dataset: the participant uploads one
+self-contained, checksummed file) and removes the parts.
 """
 from __future__ import annotations
 
+import os
+import queue
 import re
+import threading
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
 from . import store
+from .decode import batches, choose_decoder
 from .errors import CooptError
 from .plan import load_plan, plan_dataset, shard_indices
-from .priors import Prior, load_prior, preprocess
+from .priors import Prior, load_prior
 from .progress import bar
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+GROUPS = ("shared", "shard")
 
 
 def check_name(name: str) -> str:
@@ -40,19 +57,71 @@ def participant_dir(run: str | Path, name: str) -> Path:
     return Path(run) / "participants" / check_name(name)
 
 
-def _batch_features(prior: Prior, ds, idx: np.ndarray, device: torch.device) -> np.ndarray:
-    if prior.model is None:  # labels prior: one-hot over the data set's classes
-        out = np.zeros((len(idx), prior.dim), dtype=np.float16)
-        out[np.arange(len(idx)), ds.labels[idx]] = 1
-        return out
-    imgs = ds.read(idx)
-    if isinstance(imgs, list):  # folder data: sizes may differ, resize one by one
-        x = torch.cat([preprocess(torch.from_numpy(im)[None], prior.input_size, prior.mean, prior.std) for im in imgs])
-    else:
-        x = preprocess(torch.from_numpy(imgs), prior.input_size, prior.mean, prior.std)
-    x = x.to(device).contiguous(memory_format=torch.channels_last)
-    with torch.inference_mode():
-        return prior.model(x).float().flatten(1).cpu().numpy().astype(np.float16)
+class Writer:
+    """Appends blocks to an HDF5 dataset in a background thread behind a bounded queue, so the
+    model never waits on the disk (and the disk never holds more than `depth` blocks in RAM)."""
+
+    def __init__(self, ds: h5py.Dataset, skipped: h5py.Dataset, depth: int = 4):
+        self.ds, self.skipped = ds, skipped
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while (item := self.q.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                block, bad = item
+                if len(bad):  # skipped ids land before rows_done moves past them
+                    n = self.skipped.shape[0]
+                    self.skipped.resize((n + len(bad),))
+                    self.skipped[n:] = bad
+                store.append_rows(self.ds, block)
+            except BaseException as e:
+                self.error = e
+
+    def put(self, block: np.ndarray, bad: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((block, bad))
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class ModelRunner:
+    """x [b, 3, S, S] -> features [b, l] float32 on the CPU, timing compile apart from throughput."""
+
+    def __init__(self, p: Prior, device: torch.device, compile: bool, batch_size: int):
+        self.model = p.model.to(device).eval().to(memory_format=torch.channels_last)
+        if compile:
+            # dynamic=False, and every batch padded to batch_size: one graph, no recompiles.
+            self.model = torch.compile(self.model, dynamic=False)
+        self.compile, self.batch_size, self.device = compile, batch_size, device
+        self.compile_seconds = self.model_seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t = time.perf_counter()
+        b = x.shape[0]
+        pad = (self.batch_size - b) if self.compile else (1 if b == 1 else 0)
+        if pad > 0:
+            x = torch.cat([x, x[-1:].expand(pad, -1, -1, -1)])
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            y = self.model(x.contiguous(memory_format=torch.channels_last))[:b].float().flatten(1).cpu()
+        # The first call of a compiled model is mostly compilation: reported apart.
+        dt = time.perf_counter() - t
+        if self.calls == 0 and self.compile:
+            self.compile_seconds += dt
+        else:
+            self.model_seconds += dt
+        self.calls += 1
+        return y
 
 
 def extract(
@@ -64,11 +133,13 @@ def extract(
     device: str = "cpu",
     round: int = 0,
     seed: int = 0,
+    decoder: str = "auto",
+    compile: bool = False,
+    on_bad_image: str = "fail",
+    workers: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Compute features of shard `shard` and of S with prior `prior`; write features.h5."""
-    from .kernels import uniformity
-
     if batch_size < 1:
         raise CooptError(f"--batch-size must be >= 1, got {batch_size}")
     out = participant_dir(run, participant) / "features.h5"
@@ -80,54 +151,142 @@ def extract(
     if prior.partition(":")[0] == "labels" and ds.labels is None:
         raise CooptError(f"{plan['dataset']}: the labels prior needs labels, and this data set has none")
     p = load_prior(prior, seed=seed, num_classes=len(ds.classes) or None)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = torch.device(device)
-    if p.model is not None:
-        p.model = p.model.to(dev).to(memory_format=torch.channels_last)
+    if dev.type == "cuda" and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    dec = "none" if p.model is None else choose_decoder(decoder, ds, dev, p.input_size)
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
 
+    # What must match for old rows to be reused (batch size, threads, decoder workers need not).
     identity = {
         "participant": participant, "shard": int(shard), "prior": prior, "seed": int(seed), "round": int(round),
-        "batch_size": int(batch_size), "checkpoint_sha256": p.checkpoint_sha256 or "",
-        "dataset_sha256": plan["fingerprint"]["sha256"],
+        "checkpoint_sha256": p.checkpoint_sha256 or "", "dataset_sha256": plan["fingerprint"]["sha256"],
+        "decoder": dec, "compile": bool(compile), "on_bad_image": on_bad_image,
     }
     if out.exists():
         with store.open_complete(out, "features") as f:
-            same = all(store._attr_eq(f.attrs.get(k), v) for k, v in identity.items())
-            if same:
+            if all(store._attr_eq(f.attrs.get(k), v) for k, v in identity.items()):
                 return _summary(out, f, resumed=False, skipped=True)
-        raise CooptError(f"{out}: exists from another extraction (prior/shard/seed differ); remove it to re-extract")
+        raise CooptError(f"{out}: exists from another extraction (prior/shard/seed/decoder differ); remove it to re-extract")
 
     t0 = time.perf_counter()
-    f, resumed = store.open_partial(out, identity)
+    rows = {"shared": np.asarray(plan["shared"], dtype=np.int64), "shard": idx}
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        part = out.with_name(f"features.rank{rank}.h5")
+        mine = {g: np.array_split(r, world)[rank] for g, r in rows.items()}
+    else:
+        part, mine = out, rows
+    runner = None if p.model is None else ModelRunner(p, dev, compile, batch_size)
+    resumed = _extract_part(part, identity, mine, p, ds, runner, dec, batch_size, dev, on_bad_image, workers,
+                            f"{participant}" + (f"[{rank}]" if world > 1 else ""), progress)
+    if world > 1:
+        dist.barrier()
+        if rank == 0:
+            _stitch(out, [out.with_name(f"features.rank{r}.h5") for r in range(world)], identity, rows, runner, t0, p)
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        f = h5py.File(store.partial_path(out), "a")
+        _finish(f, p, runner, t0, dec)
+        store.publish(f, out)
+    with store.open_complete(out, "features") as f:
+        return _summary(out, f, resumed=resumed, skipped=False)
+
+
+def _extract_part(path, identity, rows, p, ds, runner, dec, bs, dev, on_bad, workers, label, progress) -> bool:
+    """Fill path.partial with features of `rows` (per group); leaves it unpublished."""
+    f, resumed = store.open_partial(path, identity)
     try:
-        shared = np.asarray(plan["shared"], dtype=np.int64)
-        for group, rows in (("shared", shared), ("shard", idx)):
+        for group in GROUPS:
+            r = rows[group]
             if f"{group}/index" not in f:
-                f.create_dataset(f"{group}/index", data=rows)
-            ds_out = store.create_rows(f, f"{group}/features", len(rows), p.dim)
-            start = store.rows_done(ds_out)
-            with bar(f"{participant} {group}", len(rows), progress) as advance:
-                advance(start)
-                for b in range(start, len(rows), batch_size):
-                    block = _batch_features(p, ds, rows[b : b + batch_size], dev)
-                    store.append_rows(ds_out, block)
-                    advance(len(block))
-        feats = torch.from_numpy(f["shared/features"][:].astype(np.float32))
-        u = float(uniformity(feats)) if len(feats) >= 2 else float("nan")
-        f.attrs.update({"uniformity": u, "feature_dim": p.dim, "input_size": p.input_size,
-                        "arch": p.arch, "seconds": time.perf_counter() - t0})
+                f.create_dataset(f"{group}/index", data=r)
+                f.create_dataset(f"{group}/skipped", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+            out = store.create_rows(f, f"{group}/features", len(r), p.dim)
+            start = store.rows_done(out)
+            if start == len(r):
+                continue
+            writer = Writer(out, f[f"{group}/skipped"])
+            try:
+                with bar(f"{label} {group}", len(r), progress) as advance:
+                    advance(start)
+                    if runner is None:  # labels prior: one-hot, no images to decode
+                        for b in range(start, len(r), bs):
+                            block = np.zeros((len(r[b : b + bs]), p.dim), dtype=np.float16)
+                            block[np.arange(len(block)), ds.labels[r[b : b + bs]]] = 1
+                            writer.put(block, np.empty(0, np.int64))
+                            advance(len(block))
+                    else:
+                        for batch in batches(ds, r[start:], p.input_size, p.mean, p.std, bs, dev, dec, on_bad, workers):
+                            y = runner(batch.x).numpy().astype(np.float16)
+                            y[batch.bad] = 0
+                            bad = r[start + batch.start + np.asarray(batch.bad, dtype=np.int64)]
+                            writer.put(y, bad)
+                            advance(len(y))
+            finally:
+                writer.close()
+        f.close()
+    except BaseException:
+        if f.id.valid:
+            f.close()
+        raise
+    return resumed
+
+
+def _finish(f: h5py.File, p: Prior, runner: ModelRunner | None, t0: float, dec: str) -> None:
+    """Uniformity on S (from the stored float16 rows, skipped rows left out) and the timings."""
+    from .kernels import uniformity
+
+    feats = f["shared/features"][:].astype(np.float32)
+    keep = ~np.isin(f["shared/index"][:], f["shared/skipped"][:])
+    feats = torch.from_numpy(feats[keep])
+    f.attrs.update({
+        "uniformity": float(uniformity(feats)) if len(feats) >= 2 else float("nan"),
+        "feature_dim": p.dim, "input_size": p.input_size, "arch": p.arch, "decoder_used": dec,
+        "seconds": time.perf_counter() - t0, "compile_seconds": runner.compile_seconds if runner else 0.0,
+        "model_seconds": runner.model_seconds if runner else 0.0,
+    })
+
+
+def _stitch(out: Path, parts: list[Path], identity: dict, rows: dict, runner, t0: float, p: Prior) -> None:
+    """Rank 0: concatenate the ranks' partial files, in rank (= plan) order, into features.h5."""
+    f, _ = store.open_partial(out, identity)
+    try:
+        srcs = [h5py.File(store.partial_path(q), "r") for q in parts]
+        for group in GROUPS:
+            for key in ("index", "skipped"):
+                if f"{group}/{key}" in f:
+                    del f[f"{group}/{key}"]
+            f.create_dataset(f"{group}/index", data=rows[group])
+            sk = np.concatenate([s[f"{group}/skipped"][:] for s in srcs])
+            f.create_dataset(f"{group}/skipped", data=sk, maxshape=(None,), chunks=(1024,))
+            dst = store.create_rows(f, f"{group}/features", len(rows[group]), p.dim)
+            dst.attrs["rows_done"] = 0
+            for s in srcs:
+                store.append_rows(dst, s[f"{group}/features"][:])
+        for s in srcs:
+            s.close()
+        _finish(f, p, runner, t0, identity["decoder"])
         store.publish(f, out)
     except BaseException:
         if f.id.valid:
             f.close()
         raise
-    with store.open_complete(out, "features") as f:
-        return _summary(out, f, resumed=resumed, skipped=False)
+    for q in parts:
+        store.partial_path(q).unlink(missing_ok=True)
 
 
 def _summary(path: Path, f, resumed: bool, skipped: bool) -> dict:
     return {
         "participant": str(f.attrs["participant"]), "path": str(path), "prior": str(f.attrs["prior"]),
         "rows": int(f["shard/features"].shape[0]), "shared_rows": int(f["shared/features"].shape[0]),
+        "skipped_images": int(f["shard/skipped"].shape[0] + f["shared/skipped"].shape[0]),
         "feature_dim": int(f.attrs["feature_dim"]), "uniformity": float(f.attrs["uniformity"]),
-        "seconds": float(f.attrs["seconds"]), "resumed": resumed, "skipped": skipped,
+        "decoder": str(f.attrs["decoder_used"]), "seconds": float(f.attrs["seconds"]),
+        "compile_seconds": float(f.attrs["compile_seconds"]), "model_seconds": float(f.attrs["model_seconds"]),
+        "resumed": resumed, "skipped": skipped,
     }

@@ -1,0 +1,223 @@
+"""Decoding: rows of a data set -> batches of normalised [B, 3, S, S] float tensors on the device.
+
+Two paths with one contract (`batches`), so extract and the benchmark can swap them:
+  dali         NVIDIA DALI. In-memory data (Fashion-MNIST, npy) enters through
+               fn.external_source; folders through fn.readers.file over the shard's files in
+               plan order. Decode (device "mixed" on a GPU, "cpu" otherwise), resize and
+               normalise run inside the pipeline, in DALI's own threads, prefetching ahead of
+               the model; on a GPU the batch reaches torch through DLPack, no host round trip.
+  torchvision  the fallback when DALI is missing, and the benchmarks' baseline. In-memory data:
+               torch ops on uint8 batches (priors.preprocess). Folders: torchvision.io.decode_image
+               (libjpeg-turbo/libpng) and v2 resize in DataLoader workers, one batch per task.
+Both resize in uint8 with antialiasing and then normalise, except the torch path for in-memory
+data, which resizes in float: features agree within ~1/255 per input pixel (see tests).
+
+A batch also reports which of its rows were bad images (`--on-bad-image skip`): their rows are
+zeros and the caller records them; with `fail` the first bad file raises a CooptError naming it.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .data import Dataset, read_image_file
+from .errors import CooptError
+from .priors import preprocess
+
+
+@dataclass
+class Batch:
+    start: int                 # position of the first row within the rows being decoded
+    x: torch.Tensor            # [b, 3, S, S] float32, normalised, on the target device
+    bad: list[int]             # positions (within this batch) of images that failed to decode
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def choose_decoder(decoder: str, ds: Dataset, device: torch.device, input_size: int) -> str:
+    """`auto`: DALI when installed, except for folder images at >= 160 px on the CPU.
+
+    Measured by bench/bench_extract.py on 2 CPU cores: DALI-CPU wins on raw arrays and small
+    JPEGs; on large JPEGs the decode is libjpeg-turbo either way, and torchvision's workers
+    (one process per core, no GIL) beat DALI's CPU thread pool.
+    """
+    if decoder not in ("auto", "dali", "torchvision"):
+        raise CooptError(f"--decoder {decoder!r}: use dali, torchvision or auto")
+    if decoder == "dali" and not dali_available():
+        raise CooptError("--decoder dali: nvidia-dali is not installed (pip install nvidia-dali-cuda130)")
+    if decoder != "auto":
+        return decoder
+    if not dali_available():
+        return "torchvision"
+    if ds.files is not None and device.type == "cpu" and input_size >= 160:
+        return "torchvision"
+    return "dali"
+
+
+def batches(ds: Dataset, rows: np.ndarray, input_size: int, mean, std, batch_size: int, device: torch.device,
+            decoder: str = "torchvision", on_bad_image: str = "fail", workers: int = 2) -> Iterator[Batch]:
+    if on_bad_image not in ("fail", "skip"):
+        raise CooptError(f"--on-bad-image {on_bad_image!r}: use fail or skip")
+    if decoder == "dali":
+        yield from _dali_batches(ds, rows, input_size, mean, std, batch_size, device, on_bad_image, workers)
+    elif ds.images is not None:
+        yield from prefetch(_memory_batches(ds, rows, input_size, mean, std, batch_size, device), depth=2)
+    else:
+        yield from _folder_batches(ds, rows, input_size, mean, std, batch_size, device, on_bad_image, workers)
+
+
+def prefetch(it: Iterator, depth: int = 2) -> Iterator:
+    """Run `it` in a background thread, `depth` items ahead: decode of i+1 overlaps the model on i.
+
+    Torch ops release the GIL, so the overlap is real on a multi-core CPU.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _memory_batches(ds, rows, size, mean, std, bs, device) -> Iterator[Batch]:
+    for b in range(0, len(rows), bs):
+        x = preprocess(torch.from_numpy(ds.images[rows[b : b + bs]]), size, mean, std)
+        yield Batch(b, x.to(device, non_blocking=True), [])
+
+
+class _FolderBatchSet(torch.utils.data.Dataset):
+    """One item = one whole batch, so workers return batches (one IPC message per batch)."""
+
+    def __init__(self, files, rows, size, mean, std, bs, on_bad):
+        self.files, self.rows, self.size, self.bs, self.on_bad = files, rows, size, bs, on_bad
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+
+    def __len__(self):
+        return -(-len(self.rows) // self.bs)
+
+    def __getitem__(self, i):
+        from torchvision.transforms.v2 import functional as TF
+
+        rows = self.rows[i * self.bs : (i + 1) * self.bs]
+        out = torch.zeros(len(rows), 3, self.size, self.size, dtype=torch.uint8)
+        bad, errors = [], []
+        for j, r in enumerate(rows):
+            try:
+                img = torch.from_numpy(read_image_file(self.files[r])).permute(2, 0, 1)
+            except CooptError as e:
+                bad.append(j)
+                errors.append(str(e))
+                continue
+            if img.shape[0] == 1:
+                img = img.expand(3, -1, -1)
+            out[j] = TF.resize(img, [self.size, self.size], antialias=True)
+        x = (out.float() - self.mean) / self.std
+        return i * self.bs, x, bad, errors
+
+
+def _folder_batches(ds, rows, size, mean, std, bs, device, on_bad, workers) -> Iterator[Batch]:
+    data = _FolderBatchSet(ds.files, rows, size, mean, std, bs, on_bad)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=2 if workers else None, persistent_workers=False)
+    for start, x, bad, errors in loader:
+        if bad and on_bad == "fail":
+            raise CooptError(errors[0] + " (use --on-bad-image skip to leave it out)")
+        yield Batch(start, x.to(device, non_blocking=True), bad)
+
+
+def _dali_pipeline(ds, rows, size, mean, std, bs, device, workers):
+    from nvidia.dali import fn, pipeline_def, types
+
+    gpu = device.type == "cuda"
+    mean255, std255 = [m * 255 for m in mean], [s * 255 for s in std]
+
+    @pipeline_def(batch_size=bs, num_threads=max(1, workers), device_id=(device.index or 0) if gpu else None,
+                  prefetch_queue_depth=2, exec_dynamic=True)
+    def pipe():
+        if ds.images is not None:
+            def source():  # called once per batch by DALI's executor, in plan order
+                for b in range(0, len(rows), bs):
+                    yield list(ds.images[rows[b : b + bs]])
+
+            img = fn.external_source(source=source(), layout="HWC", dtype=types.UINT8, cycle=False)
+            if gpu:
+                img = img.gpu()
+            if ds.images.shape[-1] == 1:
+                img = fn.color_space_conversion(img, image_type=types.GRAY, output_type=types.RGB)
+        else:
+            enc, _ = fn.readers.file(files=[str(ds.files[r]) for r in rows], random_shuffle=False,
+                                     pad_last_batch=True, name="reader")
+            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        img = fn.resize(img, resize_x=size, resize_y=size, antialias=True)
+        return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean255, std=std255)
+
+    p = pipe()
+    p.build()
+    return p
+
+
+def _dali_batches(ds, rows, size, mean, std, bs, device, on_bad, workers) -> Iterator[Batch]:
+    """DALI batches; a batch DALI cannot decode is redone by the torchvision path, which names
+    (fail) or zero-fills (skip) the bad files, and DALI restarts after it."""
+    start = 0
+    while start < len(rows):
+        p = _dali_pipeline(ds, rows[start:], size, mean, std, bs, device, workers)
+        try:
+            for b in range(start, len(rows), bs):
+                try:
+                    out, = p.run()
+                except StopIteration:
+                    return
+                x = torch.from_dlpack(out.as_tensor()).clone()  # DALI reuses its buffers
+                yield Batch(b, x[: min(bs, len(rows) - b)].to(device, non_blocking=True), [])
+                start = b + bs
+            return
+        except StopIteration:
+            return
+        except RuntimeError:
+            if ds.files is None:
+                raise
+            # The batch at `start` has a bad file: decode it image by image, then restart DALI.
+            fallback = _folder_batches(ds, rows[start : start + bs], size, mean, std, bs, device, on_bad, 0)
+            for item in fallback:
+                yield Batch(start, item.x, item.bad)
+            start += bs
+        finally:
+            del p

@@ -1,0 +1,130 @@
+"""The extraction engine: decoders agree, batch size/threads don't change the bytes, compile
+matches eager, bad images fail or skip, and torchrun with 2 gloo ranks equals one process."""
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import coopt_fast
+from coopt_fast.decode import dali_available
+from coopt_fast.errors import CooptError
+
+from .conftest import requires_fmnist
+
+pytestmark = requires_fmnist
+needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+
+
+def _feats(run, name):
+    with h5py.File(run / "participants" / name / "features.h5", "r") as f:
+        return {k: f[k][:] for k in ("shard/index", "shard/features", "shared/index", "shared/features",
+                                     "shard/skipped", "shared/skipped")}
+
+
+def _same(a, b):
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("engine")
+    coopt_fast.split("fashion-mnist", run, participants=2, shared_fraction=0.05, seed=2, limit=501)
+    return run
+
+
+@pytest.fixture(scope="module")
+def jpeg_run(tmp_path_factory):
+    """A folder of 60 JPEGs (40 px, RGB) written from Fashion-MNIST, as an ImageFolder."""
+    from torchvision.io import encode_jpeg
+
+    from coopt_fast.data import load_dataset
+
+    root = tmp_path_factory.mktemp("jpegs")
+    ds = load_dataset("fashion-mnist")
+    for i in range(60):
+        d = root / "imgs" / f"c{ds.labels[i]}"
+        d.mkdir(parents=True, exist_ok=True)
+        x = torch.from_numpy(ds.images[i].copy()).permute(2, 0, 1).expand(3, -1, -1)
+        x = torch.nn.functional.interpolate(x[None].float(), size=40, mode="bilinear")[0].round().to(torch.uint8)
+        (d / f"{i:03d}.jpg").write_bytes(encode_jpeg(x, quality=95).numpy().tobytes())
+    return root / "imgs"
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", pytest.param("dali", marks=needs_dali)])
+def test_batch_size_does_not_change_the_bytes(run, decoder):
+    for bs in (1, 64, 100):
+        coopt_fast.extract(run, f"{decoder}{bs}", 0, "convnet", batch_size=bs, decoder=decoder, progress=False)
+    a = _feats(run, f"{decoder}64")
+    _same(a, _feats(run, f"{decoder}100"))
+    _same(a, _feats(run, f"{decoder}1"))
+
+
+@needs_dali
+def test_dali_and_torchvision_agree(run):
+    """DALI resizes in uint8 (rounding to 1/255 per pixel), torch in float: features differ by
+    about that much relative to their scale, never more than a few percent."""
+    for dec in ("dali", "torchvision"):
+        coopt_fast.extract(run, f"agree-{dec}", 1, "convnet", batch_size=128, decoder=dec, progress=False)
+    a = _feats(run, "agree-dali")["shard/features"].astype(np.float32)
+    b = _feats(run, "agree-torchvision")["shard/features"].astype(np.float32)
+    rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+    assert rel.max() < 0.03, rel.max()
+
+
+def test_compiled_matches_eager(run):
+    coopt_fast.extract(run, "eager", 1, "convnet", batch_size=96, decoder="torchvision", progress=False)
+    s = coopt_fast.extract(run, "compiled", 1, "convnet", batch_size=96, decoder="torchvision", compile=True,
+                           progress=False)
+    assert s["compile_seconds"] > 0
+    a = _feats(run, "eager")["shard/features"].astype(np.float32)
+    b = _feats(run, "compiled")["shard/features"].astype(np.float32)
+    np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("decoder", ["torchvision", pytest.param("dali", marks=needs_dali)])
+def test_folder_decoders_and_bad_images(jpeg_run, tmp_path, decoder):
+    imgs, run = tmp_path / "imgs", tmp_path / "run"
+    shutil.copytree(jpeg_run, imgs)
+    coopt_fast.split(f"folder:{imgs}", run, participants=1, shared_fraction=0.1, seed=0)
+    s = coopt_fast.extract(run, "ok", 0, "convnet", batch_size=16, decoder=decoder, workers=1, progress=False)
+    assert s["rows"] == 60 and s["skipped_images"] == 0
+    good = _feats(run, "ok")
+    from coopt_fast.plan import load_plan, plan_dataset
+
+    ds = plan_dataset(load_plan(run), verify=False)
+    victim = ds.files[37]
+    victim.write_bytes(victim.read_bytes()[:50])  # truncated JPEG
+    # The data set changed since split: write a fresh plan over the damaged folder.
+    coopt_fast.split(f"folder:{imgs}", run, participants=1, shared_fraction=0.1, seed=0)
+    with pytest.raises(CooptError, match=str(victim.name)):
+        coopt_fast.extract(run, "strict", 0, "convnet", batch_size=16, decoder=decoder, workers=1, progress=False)
+    coopt_fast.extract(run, "lenient", 0, "convnet", batch_size=16, decoder=decoder, workers=1,
+                       on_bad_image="skip", progress=False)
+    got = _feats(run, "lenient")
+    assert got["shard/skipped"].tolist() == [37]
+    assert not got["shard/features"][37].any()
+    keep = np.arange(60) != 37
+    a, b = got["shard/features"][keep].astype(np.float32), good["shard/features"][keep].astype(np.float32)
+    if decoder == "torchvision":
+        np.testing.assert_array_equal(a, b)
+    else:  # DALI redoes the bad file's batch with torchvision's decoder: equal within decoders' tolerance
+        assert (np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max() < 0.03
+
+
+def test_torchrun_two_gloo_ranks_equal_one_process(run):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    coopt_fast.extract(run, "single", 0, "convnet", batch_size=50, decoder="torchvision", progress=False)
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "coopt_fast", "extract", str(run),
+           "--participant", "multi", "--shard", "0", "--prior", "convnet", "--batch-size", "50",
+           "--decoder", "torchvision", "--quiet"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _same(_feats(run, "single"), _feats(run, "multi"))
+    assert not list((run / "participants" / "multi").glob("features.rank*"))
