@@ -118,11 +118,12 @@ def align(
         todo = [ref] + [p for p in todo if p != ref]
     t0 = time.perf_counter()
 
-    fits, s_star = {}, None
+    fits, s_star, ref_ok = {}, None, None
     for name in todo:
         fpath = participant_dir(run, name) / "features.h5"
         with store.open_complete(fpath, "features") as f:
             fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
+            ok = torch.from_numpy(~np.isin(f["shared/index"][:], f["shared/skipped"][:]))  # decoded rows of S
             meta = {k: f.attrs[k] for k in ("prior", "uniformity", "feature_dim")}
         seed = projection_seed(plan["seed"], name)
         w = projection(fs.shape[1], dim, seed)
@@ -130,16 +131,17 @@ def align(
             m, lam = w, 0.0
         else:
             if s_star is None:
-                s_star = _reference_targets(run, ref, dim)
-            if len(fs) < 2 and not ridge:
-                raise CooptError(f"{fpath}: S has {len(fs)} rows, too few for a fit without --ridge")
-            m, lam = fit_map(fs, w, s_star, ridge)
+                s_star, ref_ok = _reference_targets(run, ref, dim)
+            use = ok & ref_ok  # rows of S that both sides decoded
+            if int(use.sum()) < 2 and not ridge:
+                raise CooptError(f"{fpath}: S has {int(use.sum())} usable rows, too few for a fit without --ridge")
+            m, lam = fit_map(fs[use], w, s_star[use], ridge)
         shared_t = align_apply([fs.half()], [m])[0][0]
         if name == ref:
-            s_star = shared_t.float()
+            s_star, ref_ok = shared_t.float(), ok
         # The reference (and --reference none) fits nothing: residual 0 by definition.
         residual = 0.0 if ref is None or name == ref else float(
-            (fs @ m - s_star).norm() / s_star.norm().clamp_min(1e-30))
+            (fs[use] @ m - s_star[use]).norm() / s_star[use].norm().clamp_min(1e-30))
         fits[name] = dict(w=w, map=m, ridge=lam, seed=seed, shared=shared_t, residual=residual, meta=meta)
 
     _apply_all(run, fits, ref, dim, plan, progress, align_apply)
@@ -152,14 +154,16 @@ def align(
     return {"reference": ref, "dim": dim, "participants": rows, "seconds": time.perf_counter() - t0}
 
 
-def _reference_targets(run: Path, ref: str, dim: int) -> torch.Tensor:
+def _reference_targets(run: Path, ref: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's published S* and which of its rows it could decode."""
     path = participant_dir(run, ref) / "aligned.h5"
     if not path.exists():
         raise CooptError(f"{path}: the reference {ref!r} has not published its shared targets yet (run align --participant {ref})")
     with store.open_complete(path, "aligned targets") as f:
         if str(f.attrs["reference"]) != ref or int(f.attrs["dim"]) != dim:
             raise CooptError(f"{path}: published for reference {f.attrs['reference']!r}, dim {f.attrs['dim']}; expected {ref!r}, {dim}")
-        return torch.from_numpy(f["shared/targets"][:].astype(np.float32))
+        ok = ~np.isin(f["shared/index"][:], f["shared/skipped"][:])
+        return torch.from_numpy(f["shared/targets"][:].astype(np.float32)), torch.from_numpy(ok)
 
 
 def _apply_all(run: Path, fits: dict, ref, dim: int, plan: dict, progress: bool, align_apply) -> None:
@@ -172,7 +176,7 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, plan: dict, progress: bool,
                         "projection_seed": int(ft["seed"]), "features_sha256": _features_id(srcs[name])}
             path = participant_dir(run, name) / "aligned.h5"
             f, _ = store.open_partial(path, identity)
-            for key in ("shard/index", "shared/index"):
+            for key in ("shard/index", "shared/index", "shard/skipped", "shared/skipped"):
                 if key not in f:
                     f.create_dataset(key, data=srcs[name][key][:])
             for key, val in (("projection", ft["w"]), ("map", ft["map"]), ("shared/targets", ft["shared"])):

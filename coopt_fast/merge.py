@@ -39,12 +39,11 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
     except CooptError as e:
         raise CooptError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
     with f:
-        for key in ("shard/index", "shard/targets", "stats/sum", "stats/sumsq"):
+        for key in ("shard/index", "shard/skipped", "shard/targets", "stats/sum", "stats/sumsq"):
             if key not in f:
                 raise CooptError(f"{where}: missing dataset {key}")
         idx = f["shard/index"][:]
         tg = f["shard/targets"]
-        shard = int(f.attrs.get("shard", -1)) if "shard" in f.attrs else None
         if tg.ndim != 2 or tg.shape[0] != len(idx):
             raise CooptError(f"{where}: shard/targets shape {tg.shape} does not match {len(idx)} indices")
         if tg.dtype != np.float16:
@@ -60,8 +59,11 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
         for s in range(0, tg.shape[0], COPY_BLOCK_ROWS):
             if not np.isfinite(tg[s : s + COPY_BLOCK_ROWS]).all():
                 raise CooptError(f"{where}: shard/targets has NaN or Inf values")
+        skipped = f["shard/skipped"][:]
+        if not np.isin(skipped, idx).all():
+            raise CooptError(f"{where}: shard/skipped lists samples outside its shard")
         return {"name": name, "path": path, "shard": matches[0], "dim": tg.shape[1], "reference": str(f.attrs["reference"]),
-                "sum": f["stats/sum"][:], "sumsq": f["stats/sumsq"][:], "rows": len(idx), "shard_attr": shard}
+                "sum": f["stats/sum"][:], "sumsq": f["stats/sumsq"][:], "keep": ~np.isin(idx, skipped)}
 
 
 def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -> dict:
@@ -91,13 +93,15 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
 
     dim = dims.pop()
     n_total = plan["fingerprint"]["n"]
-    index = np.sort(np.concatenate([np.asarray(plan["shards"][k], dtype=np.int64) for k in sorted(by_shard)]))
+    # Images skipped at extraction (unreadable) are absent from the merged store, like missing shards.
+    index = np.sort(np.concatenate([np.asarray(plan["shards"][k], dtype=np.int64)[by_shard[k]["keep"]]
+                                    for k in sorted(by_shard)]))
     row_of = np.full(n_total, -1, dtype=np.int64)
     row_of[index] = np.arange(len(index))
     owner = np.empty(len(index), dtype=np.int16)
     s = sum(u["sum"] for u in ups)
     ss = sum(u["sumsq"] for u in ups)
-    mean = s / len(index)
+    mean = s / len(index)  # skipped rows are zeros: they add nothing to s and ss
     std = np.sqrt(np.maximum(ss / len(index) - mean**2, 0.0))
     hold_images = ds.images is not None and ds.images[:1].nbytes * len(index) <= MAX_IMAGE_BYTES
     inputs = {str(u["path"].relative_to(run)): file_sha256(u["path"]) for u in ups}
@@ -114,7 +118,7 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
         if hold_images:
             store.create_contiguous(f, "images", (len(index),) + ds.images.shape[1:], np.uint8)
         for pos, u in enumerate(ups):
-            owner[row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)]] = pos
+            owner[row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)[u["keep"]]]] = pos
         f.create_dataset("index", data=index)
         f.create_dataset("participant", data=owner)
         f.create_dataset("target_mean", data=mean.astype(np.float32))
@@ -130,12 +134,13 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
         tg = store.memmap(part, "targets", mode="r+")
         with bar("merge", len(index), progress, unit="rows") as advance:
             for u in ups:
-                rows = row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)]
+                rows = row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)]  # -1 where skipped
                 with h5py.File(u["path"], "r") as src:
                     src_t = src["shard/targets"]
                     for b in range(0, len(rows), COPY_BLOCK_ROWS):
-                        tg[rows[b : b + COPY_BLOCK_ROWS]] = src_t[b : b + COPY_BLOCK_ROWS]
-                        advance(min(COPY_BLOCK_ROWS, len(rows) - b))
+                        keep = u["keep"][b : b + COPY_BLOCK_ROWS]
+                        tg[rows[b : b + COPY_BLOCK_ROWS][keep]] = src_t[b : b + COPY_BLOCK_ROWS][keep]
+                        advance(len(keep))
             if hold_images:
                 im = store.memmap(part, "images", mode="r+")
                 for b in range(0, len(index), COPY_BLOCK_ROWS):

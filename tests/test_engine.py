@@ -115,6 +115,13 @@ def test_folder_decoders_and_bad_images(jpeg_run, tmp_path, decoder):
         np.testing.assert_array_equal(a, b)
     else:  # DALI redoes the bad file's batch with torchvision's decoder: equal within decoders' tolerance
         assert (np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max() < 0.03
+    # The skipped image is absent downstream: merge leaves its sample out of the store.
+    for d in ("ok", "strict"):
+        shutil.rmtree(run / "participants" / d, ignore_errors=True)
+    coopt_fast.align(run, dim=8, progress=False)
+    m = coopt_fast.merge(run, progress=False)
+    with h5py.File(run / "merged.h5", "r") as f:
+        assert m["rows"] == 59 and 37 not in f["index"][:] and len(f["targets"]) == 59
 
 
 def test_torchrun_two_gloo_ranks_equal_one_process(run):
