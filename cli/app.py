@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import functools
+import os
 import json
 import sys
 
 import typer
 from rich.console import Console
 
-from coopt_fast.errors import CooptError
+from coopt_fast.errors import CooptError, DiskFullError, is_disk_full
 
 app = typer.Typer(
     help="coopt-fast: collaborative data optimization (COOPT) — split a data set among participants, "
@@ -28,8 +29,24 @@ def command(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except DiskFullError as e:
+            # After a failed write HDF5 keeps dirty metadata it cannot flush, and its exit-time
+            # cleanup then crashes (seen: SIGSEGV). The partial file stays for a rerun once
+            # there is space; leave without that cleanup.
+            print(f"error: {e}", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         except CooptError as e:
             print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(2)
+        except OSError as e:
+            # Disk full (ENOSPC), file size limit (EFBIG), permissions: one line, not a traceback.
+            # Finished files are never touched; a resumable command's NAME.partial stays for the rerun.
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if is_disk_full(e):
+                msg = f"disk full or file size limit reached while writing ({msg[:200]})"
+            print(f"error: {msg}", file=sys.stderr)
             raise typer.Exit(2)
         except KeyboardInterrupt:
             print("interrupted: rerun the same command to resume", file=sys.stderr)

@@ -12,6 +12,7 @@ Writes RUN/participants/NAME/aligned.h5:
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from pathlib import Path
@@ -144,7 +145,12 @@ def align(
             (fs[use] @ m - s_star[use]).norm() / s_star[use].norm().clamp_min(1e-30))
         fits[name] = dict(w=w, map=m, ridge=lam, seed=seed, shared=shared_t, residual=residual, meta=meta)
 
-    _apply_all(run, fits, ref, dim, plan, progress, align_apply)
+    with contextlib.ExitStack() as locks:  # one writer per aligned.h5
+        for nm in fits:
+            locks.enter_context(store.Lock(participant_dir(run, nm) / "aligned.h5"))
+        _apply_all(run, fits, ref, dim, plan, progress, align_apply)
+    for nm in fits:
+        store.write_manifest(participant_dir(run, nm), "aligned.h5")
     rows = [
         {"participant": nm, "prior": str(ft["meta"]["prior"]), "uniformity": float(ft["meta"]["uniformity"]),
          "feature_dim": int(ft["meta"]["feature_dim"]), "residual": ft["residual"], "ridge": ft["ridge"],
@@ -225,8 +231,7 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, plan: dict, progress: bool,
         outs.clear()
     finally:
         for f, _, _ in outs.values():
-            if f.id.valid:
-                f.close()
+            store.abandon(f)
         for s in srcs.values():
             s.close()
 

@@ -164,37 +164,45 @@ def extract(
         "checkpoint_sha256": p.checkpoint_sha256 or "", "dataset_sha256": plan["fingerprint"]["sha256"],
         "decoder": dec, "compile": bool(compile), "on_bad_image": on_bad_image,
     }
-    if out.exists():
-        with store.open_complete(out, "features") as f:
-            if all(store._attr_eq(f.attrs.get(k), v) for k, v in identity.items()):
-                return _summary(out, f, resumed=False, skipped=True)
-        raise CooptError(f"{out}: exists from another extraction (prior/shard/seed/decoder differ); remove it to re-extract")
+    rank_part = out.with_name(f"features.rank{rank}.h5") if world > 1 else out
+    with store.Lock(rank_part):  # one writer per file; a kill -9'd writer's lock is stale
+        if out.exists():
+            with store.open_complete(out, "features") as f:
+                if all(store._attr_eq(f.attrs.get(k), v) for k, v in identity.items()):
+                    return _summary(out, f, resumed=False, skipped=True)
+            raise CooptError(f"{out}: exists from another extraction (prior/shard/seed/decoder differ); remove it to re-extract")
+        resumed = _run(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image,
+                       workers, participant, rank, world, progress)
+    with store.open_complete(out, "features") as f:
+        return _summary(out, f, resumed=resumed, skipped=False)
 
+
+def _run(out, part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image, workers, participant,
+         rank, world, progress) -> bool:
     t0 = time.perf_counter()
     rows = {"shared": np.asarray(plan["shared"], dtype=np.int64), "shard": idx}
+    mine = {g: np.array_split(r, world)[rank] for g, r in rows.items()}
     if world > 1:
         import torch.distributed as dist
 
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        part = out.with_name(f"features.rank{rank}.h5")
-        mine = {g: np.array_split(r, world)[rank] for g, r in rows.items()}
-    else:
-        part, mine = out, rows
     runner = None if p.model is None else ModelRunner(p, dev, compile, batch_size)
     resumed = _extract_part(part, identity, mine, p, ds, runner, dec, batch_size, dev, on_bad_image, workers,
                             f"{participant}" + (f"[{rank}]" if world > 1 else ""), progress)
     if world > 1:
         dist.barrier()
         if rank == 0:
-            _stitch(out, [out.with_name(f"features.rank{r}.h5") for r in range(world)], identity, rows, runner, t0, p)
+            with store.Lock(out):
+                _stitch(out, [out.with_name(f"features.rank{r}.h5") for r in range(world)], identity, rows, runner, t0, p)
         dist.barrier()
         dist.destroy_process_group()
     else:
         f = h5py.File(store.partial_path(out), "a")
         _finish(f, p, runner, t0, dec)
         store.publish(f, out)
-    with store.open_complete(out, "features") as f:
-        return _summary(out, f, resumed=resumed, skipped=False)
+    if rank == 0:
+        store.write_manifest(out.parent, out.name)
+    return resumed
 
 
 def _extract_part(path, identity, rows, p, ds, runner, dec, bs, dev, on_bad, workers, label, progress) -> bool:
@@ -231,8 +239,7 @@ def _extract_part(path, identity, rows, p, ds, runner, dec, bs, dev, on_bad, wor
                 writer.close()
         f.close()
     except BaseException:
-        if f.id.valid:
-            f.close()
+        store.abandon(f)
         raise
     return resumed
 
@@ -273,8 +280,7 @@ def _stitch(out: Path, parts: list[Path], identity: dict, rows: dict, runner, t0
         _finish(f, p, runner, t0, identity["decoder"])
         store.publish(f, out)
     except BaseException:
-        if f.id.valid:
-            f.close()
+        store.abandon(f)
         raise
     for q in parts:
         store.partial_path(q).unlink(missing_ok=True)

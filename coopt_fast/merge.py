@@ -38,6 +38,14 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
         f = store.open_complete(path, "aligned targets")
     except CooptError as e:
         raise CooptError(f"{where}: {str(e).split(': ', 1)[-1]}") from None
+    recorded = store.read_manifest(path.parent).get("aligned.h5")
+    digest = file_sha256(path)
+    if recorded is None:
+        f.close()
+        raise CooptError(f"{where}: no sha256 recorded in manifest.json by its participant")
+    if recorded != digest:
+        f.close()
+        raise CooptError(f"{where}: sha256 {digest[:12]} differs from the {recorded[:12]} its participant recorded (file changed in transit)")
     with f:
         for key in ("shard/index", "shard/skipped", "shard/targets", "stats/sum", "stats/sumsq"):
             if key not in f:
@@ -62,7 +70,7 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
         skipped = f["shard/skipped"][:]
         if not np.isin(skipped, idx).all():
             raise CooptError(f"{where}: shard/skipped lists samples outside its shard")
-        return {"name": name, "path": path, "shard": matches[0], "dim": tg.shape[1], "reference": str(f.attrs["reference"]),
+        return {"name": name, "path": path, "sha256": digest, "shard": matches[0], "dim": tg.shape[1], "reference": str(f.attrs["reference"]),
                 "sum": f["stats/sum"][:], "sumsq": f["stats/sumsq"][:], "keep": ~np.isin(idx, skipped)}
 
 
@@ -104,7 +112,7 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
     mean = s / len(index)  # skipped rows are zeros: they add nothing to s and ss
     std = np.sqrt(np.maximum(ss / len(index) - mean**2, 0.0))
     hold_images = ds.images is not None and ds.images[:1].nbytes * len(index) <= MAX_IMAGE_BYTES
-    inputs = {str(u["path"].relative_to(run)): file_sha256(u["path"]) for u in ups}
+    inputs = {str(u["path"].relative_to(run)): u["sha256"] for u in ups}
 
     def fill(f: h5py.File) -> None:
         for k, v in store.provenance(
@@ -124,10 +132,21 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
         f.create_dataset("target_mean", data=mean.astype(np.float32))
         f.create_dataset("target_std", data=std.astype(np.float32))
 
-    # Layout first (h5py), then bulk bytes through np.memmap: a scatter of whole rows into
-    # global order is one numpy fancy assignment per block, where h5py's point selections
-    # cost per index. Published (complete + rename) only after the bytes are flushed.
-    out, part = run / "merged.h5", store.partial_path(run / "merged.h5")
+    out = run / "merged.h5"
+    with store.Lock(out):
+        _write(out, fill, ups, plan, row_of, index, ds.images if hold_images else None, progress)
+    return {
+        "path": str(run / "merged.h5"), "rows": int(len(index)), "dim": int(dim), "participants": [u["name"] for u in ups],
+        "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _write(out: Path, fill, ups: list[dict], plan: dict, row_of: np.ndarray, index: np.ndarray, images, progress) -> None:
+    """Layout first (h5py), then the bulk bytes through np.memmap: scattering whole rows into
+    global order is one numpy fancy assignment per block, where h5py's point selections cost
+    per index. Published (complete + rename) only after the bytes are flushed."""
+    part = store.partial_path(out)
     try:
         with h5py.File(part, "w") as f:
             fill(f)
@@ -141,20 +160,15 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
                         keep = u["keep"][b : b + COPY_BLOCK_ROWS]
                         tg[rows[b : b + COPY_BLOCK_ROWS][keep]] = src_t[b : b + COPY_BLOCK_ROWS][keep]
                         advance(len(keep))
-            if hold_images:
-                im = store.memmap(part, "images", mode="r+")
-                for b in range(0, len(index), COPY_BLOCK_ROWS):
-                    im[b : b + COPY_BLOCK_ROWS] = ds.images[index[b : b + COPY_BLOCK_ROWS]]
-                im.flush()
-                del im
         tg.flush()
         del tg
+        if images is not None:
+            im = store.memmap(part, "images", mode="r+")
+            for b in range(0, len(index), COPY_BLOCK_ROWS):
+                im[b : b + COPY_BLOCK_ROWS] = images[index[b : b + COPY_BLOCK_ROWS]]
+            im.flush()
+            del im
         store.publish(h5py.File(part, "r+"), out)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    return {
-        "path": str(run / "merged.h5"), "rows": int(len(index)), "dim": int(dim), "participants": [u["name"] for u in ups],
-        "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images),
-        "seconds": time.perf_counter() - t0,
-    }

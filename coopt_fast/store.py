@@ -21,7 +21,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .errors import CooptError
+from .errors import CooptError, DiskFullError, is_disk_full
 
 FORMAT_VERSION = 1
 VERSION = "0.1.0"
@@ -108,10 +108,15 @@ def rows_done(ds: h5py.Dataset) -> int:
 def append_rows(ds: h5py.Dataset, block: np.ndarray) -> None:
     """Write `block` at rows_done, flush the data, then advance rows_done (in that order)."""
     start = rows_done(ds)
-    ds[start : start + len(block)] = block
-    ds.file.flush()
-    ds.attrs["rows_done"] = start + len(block)
-    ds.file.flush()
+    try:
+        ds[start : start + len(block)] = block
+        ds.file.flush()
+        ds.attrs["rows_done"] = start + len(block)
+        ds.file.flush()
+    except (OSError, RuntimeError) as e:  # h5py reports failed writes as RuntimeError
+        if is_disk_full(e):
+            raise DiskFullError(f"{ds.file.filename}: disk full or file size limit reached after {start} rows") from None
+        raise
 
 
 def publish(f: h5py.File, path: Path) -> None:
@@ -120,23 +125,6 @@ def publish(f: h5py.File, path: Path) -> None:
     f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     f.close()
     os.replace(partial_path(path), path)
-
-
-def write_complete(path: Path, fill) -> None:
-    """Write a whole file with `fill(h5file)` under NAME.partial, then publish it."""
-    part = partial_path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        f = h5py.File(part, "w")
-        fill(f)
-        publish(f, path)
-    except BaseException:
-        try:
-            f.close()
-        except Exception:
-            pass
-        part.unlink(missing_ok=True)
-        raise
 
 
 def open_complete(path: Path, what: str) -> h5py.File:
@@ -183,3 +171,104 @@ def memmap(path: Path, name: str, mode: str = "r") -> np.memmap:
     if offset is None:
         raise CooptError(f"{path}:{name}: has no storage allocated")
     return np.memmap(path, mode=mode, dtype=dtype, offset=offset, shape=shape)
+
+
+def _proc_start(pid: int) -> str:
+    """Process start time (Linux /proc), so a recycled pid is not mistaken for the writer."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+class Lock:
+    """One writer per output file: NAME.lock holds pid, host and start time (O_EXCL create).
+
+    A lock left by a dead process on this host (kill -9) is stale and taken over; a lock from
+    another host cannot be checked from here and is refused with what is needed to clear it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path).with_name(Path(path).name + ".lock")
+
+    def __enter__(self):
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
+              "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    other = self._read()
+                    raise CooptError(
+                        f"{self.path}: another writer holds this file (pid {other.get('pid')} on {other.get('host')} "
+                        f"since {other.get('since')}); if that process is gone, remove the lock file"
+                    ) from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return self
+        raise CooptError(f"{self.path}: could not take the lock")
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _stale(self) -> bool:
+        other = self._read()
+        if not other:  # empty or torn: its writer died between create and write
+            return time.time() - self.path.stat().st_mtime > 5
+        if other.get("host") != socket.gethostname():
+            return False
+        pid = int(other.get("pid", -1))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return _proc_start(pid) != other.get("start", "")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def write_manifest(folder: Path, filename: str) -> str:
+    """Record sha256 of a published file in folder/manifest.json (atomically); returns it.
+
+    The participant writes it; merge and verify check uploads against it.
+    """
+    from .priors import file_sha256
+
+    digest = file_sha256(folder / filename)
+    man = folder / "manifest.json"
+    data = json.loads(man.read_text()) if man.exists() else {}
+    data[filename] = digest
+    tmp = man.with_name("manifest.json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    os.replace(tmp, man)
+    return digest
+
+
+def read_manifest(folder: Path) -> dict:
+    man = folder / "manifest.json"
+    if not man.exists():
+        return {}
+    try:
+        return json.loads(man.read_text())
+    except ValueError:
+        raise CooptError(f"{man}: not valid JSON") from None
+
+
+def abandon(f: h5py.File) -> None:
+    """Close a file on the way out of an error. After a failed write its close fails too
+    (dirty metadata it cannot flush); that second error would hide the first, so drop it."""
+    try:
+        if f.id.valid:
+            f.close()
+    except (OSError, RuntimeError):
+        pass

@@ -112,10 +112,22 @@ def test_merged_store_layout(small_run):
     assert np.array_equal(np.asarray(mm), tg)
 
 
-def _corrupt(run, name, fn):
+def _corrupt(run, name, fn, record=True):
+    """A bad upload; record=True: its participant recorded the bad file's hash (honest but wrong)."""
     p = run / "participants" / name / "aligned.h5"
     with h5py.File(p, "r+") as f:
         fn(f)
+    if record:
+        store.write_manifest(p.parent, p.name)
+
+
+def test_merge_refuses_upload_changed_after_recording(tmp_path, small_run):
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    (run / "merged.h5").unlink()
+    _corrupt(run, "carol", lambda f: f["shard/targets"].__setitem__((3, 3), 1.5), record=False)
+    with pytest.raises(CooptError, match="carol.*differs from the .* its participant recorded"):
+        coopt_fast.merge(run, progress=False)
 
 
 def _steal_one_index(f):
@@ -167,3 +179,32 @@ def test_inspect_alignment_lowers_inconsistency(small_run):
     g = s["inconsistency"]
     assert g["before"] > 0.5 > g["after"], g
     assert (small_run / "inspect.png").stat().st_size > 10_000
+
+
+def test_verify_passes_a_good_run_and_names_each_fault(tmp_path, small_run):
+    from coopt_fast.verify import verify
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    good = verify(run)
+    assert good["ok"], [c for c in good["checks"] if not c["ok"]]
+    # A flipped byte inside a checksummed chunk, a changed upload, a partial file left behind.
+    feats = run / "participants" / "bob" / "features.h5"
+    with h5py.File(feats, "r") as f:
+        off = f["shard/features"].id.get_chunk_info(0).byte_offset
+    raw = bytearray(feats.read_bytes())
+    raw[off + 10] ^= 0xFF
+    feats.write_bytes(bytes(raw))
+    _corrupt(run, "carol", lambda f: f["shard/targets"].__setitem__((0, 0), 2.0), record=False)
+    (run / "participants" / "alice" / "aligned.h5.partial").write_bytes(b"")
+    bad = {(c["file"], c["check"]) for c in verify(run)["checks"] if not c["ok"]}
+    assert ("participants/bob/features.h5", "checksums") in bad
+    assert ("participants/bob/features.h5", "sha256") in bad
+    assert ("participants/carol/aligned.h5", "sha256") in bad
+    assert ("merged.h5", "input participants/carol/aligned.h5") in bad
+    from typer.testing import CliRunner
+
+    from coopt_fast.cli import app
+
+    r = CliRunner().invoke(app, ["verify", str(run)])
+    assert r.exit_code == 1 and "FAULT" in r.stderr

@@ -153,3 +153,31 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     with pytest.raises(CooptError, match="refused to load"):
         load_prior(f"convnet:{tmp_path / 'evil.pt'}")
     assert not marker.exists()
+
+
+def test_second_writer_is_refused_and_stale_lock_taken_over(plan_run):
+    out = plan_run / "participants" / "locked" / "features.h5"
+    cmd = [sys.executable, "-m", "coopt_fast", "extract", str(plan_run), "--participant", "locked", "--shard", "1",
+           "--prior", "resnet18", "--batch-size", "8", "--decoder", "torchvision", "--quiet"]  # slow: ~10 s
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = out.with_name("features.h5.lock")
+    deadline = time.time() + 60
+    while not lock.exists() and time.time() < deadline:
+        time.sleep(0.02)
+    second = subprocess.run(cmd, capture_output=True, text=True)
+    assert second.returncode == 2 and "another writer holds this file" in second.stderr, second.stderr
+    assert f"pid {first.pid}" in second.stderr
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert lock.exists(), "kill -9 leaves the lock behind"
+    # The rerun takes the stale lock over (and then resumes the work; not waited for here).
+    third = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and third.poll() is None:
+        if lock.exists() and f'"pid": {third.pid}' in lock.read_text():
+            break
+        time.sleep(0.05)
+    took_over = lock.exists() and f'"pid": {third.pid}' in lock.read_text()
+    third.kill()
+    third.wait()
+    assert took_over, third.stderr.read() if third.stderr else ""

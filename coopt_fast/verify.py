@@ -1,0 +1,128 @@
+"""`verify`: check every file of a run and say what is fine and what is wrong.
+
+Checks: plan.json parses and its data set still has the recorded fingerprint; each file opens,
+has this format_version and complete = True; every dataset reads back in full (HDF5 verifies
+the fletcher32 checksum of each chunk as it reads); indices match the plan; values are finite;
+each upload's sha256 matches its participant's manifest.json; merged.h5's recorded input hashes
+match the uploads; leftover .partial and .lock files are reported (work in progress or a crash).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from . import store
+from .errors import CooptError
+from .plan import load_plan, plan_dataset
+from .priors import file_sha256
+
+BLOCK = 65536
+
+
+def _read_all(f: h5py.File) -> list[str]:
+    """Read every dataset in blocks (checksums verified by HDF5); names of non-finite float datasets."""
+    bad = []
+
+    def visit(name, obj):
+        if not isinstance(obj, h5py.Dataset) or obj.shape == () or obj.shape[0] == 0:
+            return
+        for b in range(0, obj.shape[0], BLOCK):
+            block = obj[b : b + BLOCK]
+            if obj.dtype.kind == "f" and not np.isfinite(block).all():
+                bad.append(name)
+                return
+
+    f.visititems(visit)
+    return bad
+
+
+def _check_file(path: Path, what: str, plan: dict | None, shard: int | None) -> list[tuple[str, bool, str]]:
+    rows = []
+    try:
+        f = store.open_complete(path, what)
+    except CooptError as e:
+        return [("open", False, str(e).split(": ", 1)[-1])]
+    with f:
+        rows.append(("format/complete", True, f"format_version {f.attrs['format_version']}"))
+        try:
+            nonfinite = _read_all(f)
+            rows.append(("checksums", True, "every chunk read back"))
+        except OSError as e:
+            return rows + [("checksums", False, str(e).splitlines()[0][:120])]
+        rows.append(("finite", not nonfinite, "all values finite" if not nonfinite else f"NaN/Inf in {', '.join(nonfinite)}"))
+        if plan is not None and "shard/index" in f:
+            k = int(f.attrs.get("shard", shard if shard is not None else -1))
+            ok = 0 <= k < plan["participants"] and np.array_equal(f["shard/index"][:], plan["shards"][k])
+            ok = ok and np.array_equal(f["shared/index"][:], plan["shared"])
+            rows.append(("plan", ok, f"shard {k} and S match the plan" if ok else "indices differ from the plan"))
+    return rows
+
+
+def verify(run: str | Path) -> dict:
+    """A table of checks for every file in RUN; `ok` is False if any check failed."""
+    run = Path(run)
+    checks: list[dict] = []
+
+    def add(file, check, ok, detail):
+        checks.append({"file": str(file), "check": check, "ok": bool(ok), "detail": detail})
+
+    try:
+        plan = load_plan(run)
+        add("plan.json", "parse", True, f"{plan['participants']} shards, |S| = {len(plan['shared'])}")
+        try:
+            plan_dataset(plan)
+            add("plan.json", "fingerprint", True, "data set unchanged since split")
+        except CooptError as e:
+            add("plan.json", "fingerprint", False, str(e).split(": ", 1)[-1])
+    except CooptError as e:
+        add("plan.json", "parse", False, str(e).split(": ", 1)[-1])
+        plan = None
+    pdir = run / "participants"
+    for d in sorted(pdir.iterdir()) if pdir.is_dir() else []:
+        try:
+            man = store.read_manifest(d)
+        except CooptError as e:
+            add(d.relative_to(run) / "manifest.json", "parse", False, str(e).split(": ", 1)[-1])
+            man = {}
+        shard = _shard_of(d / "features.h5")
+        for name in ("features.h5", "aligned.h5"):
+            path = d / name
+            rel = path.relative_to(run)
+            if not path.exists():
+                continue
+            for check, ok, detail in _check_file(path, name, plan, shard):
+                add(rel, check, ok, detail)
+            digest = file_sha256(path)
+            if name in man:
+                add(rel, "sha256", man[name] == digest, "matches manifest.json" if man[name] == digest
+                    else f"{digest[:12]} but manifest.json records {man[name][:12]}")
+            else:
+                add(rel, "sha256", False, "not recorded in manifest.json")
+    merged = run / "merged.h5"
+    if merged.exists():
+        for check, ok, detail in _check_file(merged, "merged store", None, None):
+            add("merged.h5", check, ok, detail)
+        try:
+            with h5py.File(merged, "r") as f:
+                inputs = json.loads(f.attrs["inputs"])
+            for rel, digest in inputs.items():
+                cur = file_sha256(run / rel) if (run / rel).exists() else None
+                add("merged.h5", f"input {rel}", cur == digest,
+                    "unchanged since merge" if cur == digest else "changed or missing since merge")
+        except (OSError, KeyError, ValueError) as e:
+            add("merged.h5", "inputs", False, f"cannot read the recorded inputs ({e})")
+    for leftover in sorted(run.rglob("*.partial")) + sorted(run.rglob("*.lock")):
+        add(leftover.relative_to(run), "leftover", True, "in progress, or left by a crash: rerun the command to finish")
+    return {"run": str(run), "ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+def _shard_of(features: Path) -> int | None:
+    """The shard a participant extracted (aligned.h5 does not repeat it)."""
+    try:
+        with h5py.File(features, "r") as f:
+            return int(f.attrs["shard"])
+    except (OSError, KeyError):
+        return None
