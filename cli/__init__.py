@@ -1,6 +1,6 @@
 """`coopt-fast` command line: one thin module per command over the coopt_fast library."""
 from .app import app
-from . import split, extract, score, align, merge, inspect, verify, demo  # noqa: F401  (each registers its command)
+from . import split, extract, score, align, merge, inspect, verify, status, demo  # noqa: F401  (each registers its command)
 from . import pretrain, train, probe  # noqa: F401
 
 

@@ -222,7 +222,7 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, plan: dict, progress: bool,
                     f["stats/sumsq"][...] = f["stats/sumsq"][:] + sumsqs[g].numpy()
                     f.attrs["stats_rows"] = start + len(ys[g])
                     f.flush()
-                    tgt.attrs["rows_done"] = start + len(ys[g])
+                    store.set_rows_done(tgt, start + len(ys[g]))
                     f.flush()
                     advance(len(ys[g]))
         for f, _, path in outs.values():
@@ -240,7 +240,7 @@ def _resume_stats(f, tgt) -> None:
     """Make rows_done and the stats agree after a crash (see the write order in _apply_all)."""
     stats_rows = int(f.attrs.get("stats_rows", 0))
     if stats_rows > store.rows_done(tgt):
-        tgt.attrs["rows_done"] = stats_rows
+        store.set_rows_done(tgt, stats_rows)
     elif stats_rows < store.rows_done(tgt):  # cannot happen with that order; refuse to guess
         raise CooptError(f"{f.filename}: statistics and rows disagree; remove the .partial file and rerun align")
 

@@ -197,7 +197,7 @@ def _run(out, part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, o
         dist.barrier()
         dist.destroy_process_group()
     else:
-        f = h5py.File(store.partial_path(out), "a")
+        f = h5py.File(store.partial_path(out), "a")  # reopened without SWMR: attributes are writable again
         _finish(f, p, runner, t0, dec)
         store.publish(f, out)
     if rank == 0:
@@ -209,12 +209,17 @@ def _extract_part(path, identity, rows, p, ds, runner, dec, bs, dev, on_bad, wor
     """Fill path.partial with features of `rows` (per group); leaves it unpublished."""
     f, resumed = store.open_partial(path, identity)
     try:
-        for group in GROUPS:
-            r = rows[group]
+        outs = {}
+        for group in GROUPS:  # every object first: SWMR allows writing data, not creating objects
             if f"{group}/index" not in f:
-                f.create_dataset(f"{group}/index", data=r)
+                f.create_dataset(f"{group}/index", data=rows[group])
                 f.create_dataset(f"{group}/skipped", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
-            out = store.create_rows(f, f"{group}/features", len(r), p.dim)
+            outs[group] = store.create_rows(f, f"{group}/features", len(rows[group]), p.dim)
+            store.start_session(outs[group])
+        f.flush()
+        f.swmr_mode = True  # from here on `coopt-fast status` can read progress while we write
+        for group in GROUPS:
+            r, out = rows[group], outs[group]
             start = store.rows_done(out)
             if start == len(r):
                 continue
@@ -272,7 +277,7 @@ def _stitch(out: Path, parts: list[Path], identity: dict, rows: dict, runner, t0
             sk = np.concatenate([s[f"{group}/skipped"][:] for s in srcs])
             f.create_dataset(f"{group}/skipped", data=sk, maxshape=(None,), chunks=(1024,))
             dst = store.create_rows(f, f"{group}/features", len(rows[group]), p.dim)
-            dst.attrs["rows_done"] = 0
+            store.set_rows_done(dst, 0)
             for s in srcs:
                 store.append_rows(dst, s[f"{group}/features"][:])
         for s in srcs:

@@ -64,7 +64,7 @@ def open_partial(path: Path, identity: dict) -> tuple[h5py.File, bool]:
     path.parent.mkdir(parents=True, exist_ok=True)
     if part.exists():
         try:
-            f = h5py.File(part, "a")
+            f = h5py.File(part, "a", libver="latest")
             same = all(_attr_eq(f.attrs.get(k), v) for k, v in identity.items())
             if same:
                 return f, True
@@ -72,7 +72,7 @@ def open_partial(path: Path, identity: dict) -> tuple[h5py.File, bool]:
         except (OSError, KeyError):
             pass  # unreadable after a crash mid-metadata-write: start over
         part.unlink()
-    f = h5py.File(part, "w")
+    f = h5py.File(part, "w", libver="latest")  # "latest": needed for SWMR (extract turns it on)
     for k, v in provenance(**identity).items():
         f.attrs[k] = v
     f.attrs["complete"] = False
@@ -88,7 +88,13 @@ def _attr_eq(a, b) -> bool:
 
 
 def create_rows(f: h5py.File, name: str, total: int, width: int, dtype=np.float16) -> h5py.Dataset:
-    """A chunked, checksummed [total, width] dataset filled by `append_rows`; reused on resume."""
+    """A chunked, checksummed [total, width] dataset filled by `append_rows`; reused on resume.
+
+    Its progress lives in a small dataset beside it, `NAME_progress` = [rows_done, rows at
+    session start, session start ms, last update ms]: a dataset rather than an attribute,
+    because under HDF5 SWMR a writer may update datasets but not attributes, and `status`
+    reads it live. `finalize` drops it before publishing.
+    """
     if name in f:
         ds = f[name]
         if ds.shape != (total, width) or ds.dtype != np.dtype(dtype):
@@ -97,12 +103,40 @@ def create_rows(f: h5py.File, name: str, total: int, width: int, dtype=np.float1
     rows = chunk_rows(width * np.dtype(dtype).itemsize, total)
     ds = f.create_dataset(name, shape=(total, width), dtype=dtype, chunks=(rows, width) if total else None,
                           fletcher32=bool(total))
-    ds.attrs["rows_done"] = 0
+    f.create_dataset(name + PROGRESS, data=np.zeros(4, dtype=np.int64))
     return ds
 
 
+PROGRESS = "_progress"
+
+
+def _progress(ds: h5py.Dataset) -> h5py.Dataset | None:
+    return ds.file.get(ds.name + PROGRESS)
+
+
 def rows_done(ds: h5py.Dataset) -> int:
-    return int(ds.attrs.get("rows_done", ds.shape[0]))
+    """Rows written so far; a published file (no progress dataset) is whole."""
+    p = _progress(ds)
+    return int(p[0]) if p is not None else ds.shape[0]
+
+
+def set_rows_done(ds: h5py.Dataset, n: int) -> None:
+    p = _progress(ds)
+    p[0], p[3] = n, int(time.time() * 1000)
+
+
+def start_session(ds: h5py.Dataset) -> None:
+    """Mark where this run (first or resumed) began, for status's rate and ETA."""
+    p = _progress(ds)
+    p[1], p[2], p[3] = p[0], int(time.time() * 1000), int(time.time() * 1000)
+
+
+def finalize(f: h5py.File) -> None:
+    """Drop the progress datasets (the file is about to be published whole)."""
+    names = []
+    f.visit(lambda n: names.append(n) if n.endswith(PROGRESS) else None)
+    for n in names:
+        del f[n]
 
 
 def append_rows(ds: h5py.Dataset, block: np.ndarray) -> None:
@@ -111,7 +145,7 @@ def append_rows(ds: h5py.Dataset, block: np.ndarray) -> None:
     try:
         ds[start : start + len(block)] = block
         ds.file.flush()
-        ds.attrs["rows_done"] = start + len(block)
+        set_rows_done(ds, start + len(block))
         ds.file.flush()
     except (OSError, RuntimeError) as e:  # h5py reports failed writes as RuntimeError
         if is_disk_full(e):
@@ -120,7 +154,8 @@ def append_rows(ds: h5py.Dataset, block: np.ndarray) -> None:
 
 
 def publish(f: h5py.File, path: Path) -> None:
-    """Mark complete, close, and atomically rename NAME.partial -> NAME."""
+    """Drop progress datasets, mark complete, close, and atomically rename NAME.partial -> NAME."""
+    finalize(f)
     f.attrs["complete"] = True
     f.attrs["completed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     f.close()

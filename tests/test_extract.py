@@ -181,3 +181,25 @@ def test_second_writer_is_refused_and_stale_lock_taken_over(plan_run):
     third.kill()
     third.wait()
     assert took_over, third.stderr.read() if third.stderr else ""
+
+
+def test_status_reads_progress_while_extract_writes(plan_run):
+    """SWMR: a reader sees a growing, consistent prefix of a file another process is writing."""
+    from coopt_fast.status import status
+
+    cmd = [sys.executable, "-m", "coopt_fast", "extract", str(plan_run), "--participant", "watched", "--shard", "0",
+           "--prior", "resnet18", "--batch-size", "8", "--decoder", "torchvision", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = []
+    deadline = time.time() + 90
+    try:
+        while time.time() < deadline and proc.poll() is None and len(set(seen)) < 3:
+            row = next((r for r in status(plan_run)["participants"] if r["participant"] == "watched"), None)
+            if row and row["state"] == "extracting" and row["rows_done"]:
+                seen.append(row["rows_done"])
+                assert row["rows_total"] == 330 and 0 < row["rows_done"] <= 330
+            time.sleep(0.2)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(set(seen)) >= 3 and seen == sorted(seen), seen

@@ -1,0 +1,74 @@
+"""`status`: every participant's progress, read live from files being written.
+
+extract switches its partial file to HDF5 single-writer/multiple-reader mode once its
+datasets exist, so this reader (swmr=True) sees a consistent prefix: rows written and
+flushed so far, and when the current session started (for rate and ETA).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import h5py
+
+from . import store
+from .plan import load_plan
+
+
+def _progress_of(part: Path) -> dict:
+    try:
+        with h5py.File(part, "r", libver="latest", swmr=True, locking=False) as f:
+            done = total = new = 0
+            t0 = last = None
+            for group in ("shared", "shard"):
+                p = f.get(f"{group}/features{store.PROGRESS}")
+                if p is None:
+                    return {"state": "starting"}
+                p.refresh()
+                v = p[:]
+                done += int(v[0])
+                total += f[f"{group}/features"].shape[0]
+                if v[2]:
+                    new += int(v[0] - v[1])
+                    t0 = min(t0, v[2]) if t0 else int(v[2])
+                    last = max(last, v[3]) if last else int(v[3])
+    except (OSError, KeyError):
+        return {"state": "starting"}
+    rate = new / ((last - t0) / 1000) if t0 and last and last > t0 else 0.0
+    stalled = last is not None and time.time() - last / 1000 > 60
+    return {"state": "stalled" if stalled else "extracting", "rows_done": done, "rows_total": total,
+            "rate": rate, "eta_seconds": (total - done) / rate if rate > 0 else None}
+
+
+def status(run: str | Path) -> dict:
+    """Per participant: extraction state, rows done/total, rows/s, ETA; whether aligned."""
+    run = Path(run)
+    plan = load_plan(run)
+    pdir = run / "participants"
+    rows = []
+    for d in sorted(pdir.iterdir()) if pdir.is_dir() else []:
+        feats, part = d / "features.h5", store.partial_path(d / "features.h5")
+        parts = sorted(d.glob("features.rank*.h5.partial"))  # torchrun ranks
+        if feats.exists():
+            with h5py.File(feats, "r") as f:
+                n = f["shard/features"].shape[0] + f["shared/features"].shape[0]
+            row = {"state": "extracted", "rows_done": n, "rows_total": n, "rate": None, "eta_seconds": None}
+        elif part.exists() or parts:
+            row = _merge_ranks([_progress_of(q) for q in ([part] if part.exists() else parts)])
+        else:
+            continue
+        row["participant"] = d.name
+        row["aligned"] = (d / "aligned.h5").exists()
+        rows.append(row)
+    return {"run": str(run), "participants": rows, "shards": plan["participants"],
+            "merged": (run / "merged.h5").exists()}
+
+
+def _merge_ranks(ps: list[dict]) -> dict:
+    if any(p["state"] == "starting" for p in ps):
+        return {"state": "starting", "rows_done": None, "rows_total": None, "rate": None, "eta_seconds": None}
+    done, total = sum(p["rows_done"] for p in ps), sum(p["rows_total"] for p in ps)
+    rate = sum(p["rate"] for p in ps)
+    return {"state": "stalled" if any(p["state"] == "stalled" for p in ps) else "extracting",
+            "rows_done": done, "rows_total": total, "rate": rate,
+            "eta_seconds": max((p["eta_seconds"] or 0) for p in ps) if rate else None}
