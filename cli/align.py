@@ -15,6 +15,7 @@ def align(
     participant: Optional[str] = typer.Option(None, "--participant", help="align only this participant (local mode)"),
     reference: str = typer.Option("best", "--reference", help="best (lowest U) | NAME | none (W only, no alignment)"),
     ridge: Optional[float] = typer.Option(None, "--ridge", help="ridge λ for the fit (default: auto, see README)"),
+    target_dtype: str = typer.Option("float16", "--target-dtype", help="float16 | bfloat16 | int8 (row scale) | int8-dim (dimension scale)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
 ):
@@ -23,8 +24,10 @@ def align(
     With --participant, only that participant aligns, reading its own features, the others'
     published U, and the reference's published shared targets (raw features never leave it).
     """
-    s = coopt_fast.align(run, dim=dim, participant=participant, reference=reference, ridge=ridge, progress=not quiet)
-    t = Table(title=f"aligned to {s['reference'] or 'nothing (W only)'} in {dim} dims")
+    s = coopt_fast.align(run, dim=dim, participant=participant, reference=reference, ridge=ridge,
+                         target_dtype=target_dtype, progress=not quiet)
+    t = Table(title=f"aligned to {s['reference'] or 'nothing (W only)'} in {dim} dims, "
+              f"{s['target_dtype']} ({s['bytes_per_row']} bytes/sample)")
     for c in ("participant", "prior", "U on S", "residual", "ridge"):
         t.add_column(c)
     for r in s["participants"]:

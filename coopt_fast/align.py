@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import store
+from . import codec, store
 from .errors import CooptError
 from .extract import check_name, participant_dir
 from .plan import load_plan
@@ -96,12 +96,17 @@ def align(
     participant: str | None = None,
     reference: str = "best",
     ridge: float | None = None,
+    target_dtype: str = "float16",
     progress: bool = True,
 ) -> dict:
-    """Align one participant (local mode) or all of them; write each aligned.h5."""
+    """Align one participant (local mode) or all of them; write each aligned.h5.
+
+    target_dtype: how the uploaded targets are stored (see coopt_fast.codec).
+    """
     from .kernels import align_apply
 
     run = Path(run)
+    codec.check(target_dtype)
     if dim < 1:
         raise CooptError(f"--dim must be >= 1, got {dim}")
     plan = load_plan(run)
@@ -148,7 +153,7 @@ def align(
     with contextlib.ExitStack() as locks:  # one writer per aligned.h5
         for nm in fits:
             locks.enter_context(store.Lock(participant_dir(run, nm) / "aligned.h5"))
-        _apply_all(run, fits, ref, dim, plan, progress, align_apply)
+        _apply_all(run, fits, ref, dim, target_dtype, progress, align_apply)
     for nm in fits:
         store.write_manifest(participant_dir(run, nm), "aligned.h5")
     rows = [
@@ -157,7 +162,9 @@ def align(
          "reference": nm == ref}
         for nm, ft in fits.items()
     ]
-    return {"reference": ref, "dim": dim, "participants": rows, "seconds": time.perf_counter() - t0}
+    return {"reference": ref, "dim": dim, "target_dtype": target_dtype,
+            "bytes_per_row": codec.bytes_per_row(target_dtype, dim), "participants": rows,
+            "seconds": time.perf_counter() - t0}
 
 
 def _reference_targets(run: Path, ref: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,14 +179,15 @@ def _reference_targets(run: Path, ref: str, dim: int) -> tuple[torch.Tensor, tor
         return torch.from_numpy(f["shared/targets"][:].astype(np.float32)), torch.from_numpy(ok)
 
 
-def _apply_all(run: Path, fits: dict, ref, dim: int, plan: dict, progress: bool, align_apply) -> None:
+def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, align_apply) -> None:
     """Apply every participant's map to its shard: one grouped launch per block of rows."""
     srcs, outs = {}, {}
     try:
         for name, ft in fits.items():
             srcs[name] = store.open_complete(participant_dir(run, name) / "features.h5", "features")
             identity = {"participant": name, "reference": ref or "none", "dim": int(dim), "ridge": float(ft["ridge"]),
-                        "projection_seed": int(ft["seed"]), "features_sha256": _features_id(srcs[name])}
+                        "projection_seed": int(ft["seed"]), "features_sha256": _features_id(srcs[name]),
+                        "target_dtype": td}
             path = participant_dir(run, name) / "aligned.h5"
             f, _ = store.open_partial(path, identity)
             for key in ("shard/index", "shared/index", "shard/skipped", "shared/skipped"):
@@ -189,13 +197,18 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, plan: dict, progress: bool,
                 if key not in f:
                     f.create_dataset(key, data=val.numpy())
             n_k = srcs[name]["shard/features"].shape[0]
-            tgt = store.create_rows(f, "shard/targets", n_k, dim)
+            tgt = store.create_rows(f, "shard/targets", n_k, dim, codec.storage_dtype(td))
+            if td == "int8":
+                store.create_rows(f, "shard/scale", n_k, 1, np.float32)
+            if td == "int8-dim" and "scale" not in f:
+                f.create_dataset("scale", data=codec.dim_scale(ft["shared"]).numpy())
+                f.attrs["clipped"] = 0
             if "stats/sum" not in f:
                 f.create_dataset("stats/sum", data=np.zeros(dim))
                 f.create_dataset("stats/sumsq", data=np.zeros(dim))
             _resume_stats(f, tgt)
             f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"],
-                            "uniformity": ft["meta"]["uniformity"], "target_dtype": "float16"})
+                            "uniformity": ft["meta"]["uniformity"]})
             outs[name] = (f, tgt, path)
         total = sum(srcs[nm]["shard/features"].shape[0] for nm in fits)
         with bar("align", total, progress, unit="rows") as advance:
@@ -209,14 +222,24 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, plan: dict, progress: bool,
                     s = store.rows_done(outs[nm][1])
                     xs.append(torch.from_numpy(srcs[nm]["shard/features"][s : s + APPLY_BLOCK_ROWS]))
                     maps.append(fits[nm]["map"])
-                ys, sums, sumsqs = align_apply(xs, maps)
+                ys, sums, sumsqs = align_apply(xs, maps, out_dtype=codec.kernel_dtype(td))
                 for g, nm in enumerate(live):
                     f, tgt, _ = outs[nm]
                     start = store.rows_done(tgt)
+                    scale = torch.from_numpy(f["scale"][:]) if td == "int8-dim" else None
+                    stored, row_scale = codec.encode(ys[g], td, scale)
+                    if td.startswith("int8"):  # stats of what the loader will decode, not of fp32
+                        dec = codec.decode(torch.from_numpy(stored), td, torch.from_numpy(row_scale) if
+                                           row_scale is not None else scale).double()
+                        sums[g], sumsqs[g] = dec.sum(0), dec.square().sum(0)
                     # Order matters for resume: rows flushed, then stats (with the row count
                     # they cover), then rows_done. A crash between the last two is repaired
                     # in _resume_stats by trusting stats_rows, whose rows are on disk.
-                    tgt[start : start + len(ys[g])] = ys[g].numpy()
+                    tgt[start : start + len(stored)] = stored
+                    if row_scale is not None:
+                        f["shard/scale"][start : start + len(stored), 0] = row_scale
+                    if scale is not None:
+                        f.attrs["clipped"] = int(f.attrs["clipped"]) + codec.clipped(ys[g], scale)
                     f.flush()
                     f["stats/sum"][...] = f["stats/sum"][:] + sums[g].numpy()
                     f["stats/sumsq"][...] = f["stats/sumsq"][:] + sumsqs[g].numpy()

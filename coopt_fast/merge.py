@@ -1,7 +1,9 @@
 """Step 4, data merging: validate every aligned upload, write RUN/merged.h5 in global order.
 
 merged.h5 (contiguous, unfiltered datasets: the loader np.memmaps them):
-  targets      float16 [N', n]   row r = sample index[r]
+  targets      [N', n]           row r = sample index[r]; float16, or as the uploads' target_dtype
+                                 (bfloat16 as uint16 bits, int8; see coopt_fast.codec)
+  target_scale float32 [N'] (int8) or [K, n] (int8-dim, row r uses participant[r]'s)
   index        int64   [N']      ascending global sample indices (all of range(N) unless --allow-missing)
   participant  int16   [N']      position of the row's participant in attr `participants`
   target_mean, target_std  float32 [n]   from the uploads' per-dimension sums (no second pass)
@@ -17,8 +19,9 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import torch
 
-from . import store
+from . import codec, store
 from .align import participants as list_participants
 from .errors import CooptError
 from .extract import participant_dir
@@ -54,8 +57,12 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
         tg = f["shard/targets"]
         if tg.ndim != 2 or tg.shape[0] != len(idx):
             raise CooptError(f"{where}: shard/targets shape {tg.shape} does not match {len(idx)} indices")
-        if tg.dtype != np.float16:
-            raise CooptError(f"{where}: shard/targets dtype {tg.dtype}, expected float16")
+        td = str(f.attrs.get("target_dtype", "float16"))
+        if td not in codec.TARGET_DTYPES or tg.dtype != codec.storage_dtype(td):
+            raise CooptError(f"{where}: shard/targets dtype {tg.dtype} does not match target_dtype {td!r}")
+        scale_key = {"int8": "shard/scale", "int8-dim": "scale"}.get(td)
+        if scale_key and (scale_key not in f or not np.isfinite(f[scale_key][:]).all()):
+            raise CooptError(f"{where}: {td} targets need a finite {scale_key}")
         if len(np.unique(idx)) != len(idx):
             raise CooptError(f"{where}: shard/index has duplicate indices")
         n = plan["fingerprint"]["n"]
@@ -64,13 +71,17 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
         matches = [k for k, s in enumerate(plan["shards"]) if len(s) == len(idx) and np.array_equal(s, idx)]
         if not matches:
             raise CooptError(f"{where}: shard/index is not exactly one shard of the plan")
-        for s in range(0, tg.shape[0], COPY_BLOCK_ROWS):
-            if not np.isfinite(tg[s : s + COPY_BLOCK_ROWS]).all():
-                raise CooptError(f"{where}: shard/targets has NaN or Inf values")
+        if tg.dtype.kind == "f" or td == "bfloat16":
+            for s in range(0, tg.shape[0], COPY_BLOCK_ROWS):
+                block = codec.decode(torch.from_numpy(tg[s : s + COPY_BLOCK_ROWS]), td)
+                if not torch.isfinite(block).all():
+                    raise CooptError(f"{where}: shard/targets has NaN or Inf values")
         skipped = f["shard/skipped"][:]
         if not np.isin(skipped, idx).all():
             raise CooptError(f"{where}: shard/skipped lists samples outside its shard")
-        return {"name": name, "path": path, "sha256": digest, "shard": matches[0], "dim": tg.shape[1], "reference": str(f.attrs["reference"]),
+        return {"name": name, "path": path, "sha256": digest, "shard": matches[0], "dim": tg.shape[1],
+                "reference": str(f.attrs["reference"]), "target_dtype": td,
+                "scale": f[scale_key][:] if scale_key else None,
                 "sum": f["stats/sum"][:], "sumsq": f["stats/sumsq"][:], "keep": ~np.isin(idx, skipped)}
 
 
@@ -87,6 +98,10 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
     refs = {u["reference"] for u in ups}
     if len(dims) > 1:
         raise CooptError(f"{run}: uploads disagree on the target dim: " + ", ".join(f"{u['name']}={u['dim']}" for u in ups))
+    tds = {u["target_dtype"] for u in ups}
+    if len(tds) > 1:
+        raise CooptError(f"{run}: uploads use different target dtypes: " + ", ".join(f"{u['name']}={u['target_dtype']}" for u in ups))
+    td = tds.pop()
     if len(refs) > 1:
         raise CooptError(f"{run}: uploads were aligned to different references: " + ", ".join(f"{u['name']}={u['reference']}" for u in ups))
     by_shard: dict[int, dict] = {}
@@ -118,11 +133,15 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
         for k, v in store.provenance(
             participants=json.dumps([u["name"] for u in ups]), dataset=plan["dataset"],
             limit=-1 if plan.get("limit") is None else int(plan["limit"]),
-            fingerprint=json.dumps(plan["fingerprint"]), dim=int(dim), target_dtype="float16",
+            fingerprint=json.dumps(plan["fingerprint"]), dim=int(dim), target_dtype=td,
             inputs=json.dumps(inputs), coverage=len(index) / n_total, reference=ups[0]["reference"],
         ).items():
             f.attrs[k] = v
-        store.create_contiguous(f, "targets", (len(index), dim), np.float16)
+        store.create_contiguous(f, "targets", (len(index), dim), codec.storage_dtype(td))
+        if td == "int8":  # per row, in row order
+            store.create_contiguous(f, "target_scale", (len(index),), np.float32)
+        elif td == "int8-dim":  # per participant and dimension: rows pick theirs by `participant`
+            f.create_dataset("target_scale", data=np.stack([u["scale"] for u in ups]).astype(np.float32))
         if hold_images:
             store.create_contiguous(f, "images", (len(index),) + ds.images.shape[1:], np.uint8)
         for pos, u in enumerate(ups):
@@ -137,7 +156,7 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
         _write(out, fill, ups, plan, row_of, index, ds.images if hold_images else None, progress)
     return {
         "path": str(run / "merged.h5"), "rows": int(len(index)), "dim": int(dim), "participants": [u["name"] for u in ups],
-        "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images),
+        "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images), "target_dtype": td,
         "seconds": time.perf_counter() - t0,
     }
 
@@ -151,6 +170,7 @@ def _write(out: Path, fill, ups: list[dict], plan: dict, row_of: np.ndarray, ind
         with h5py.File(part, "w") as f:
             fill(f)
         tg = store.memmap(part, "targets", mode="r+")
+        row_scale = store.memmap(part, "target_scale", mode="r+") if ups[0]["target_dtype"] == "int8" else None
         with bar("merge", len(index), progress, unit="rows") as advance:
             for u in ups:
                 rows = row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)]  # -1 where skipped
@@ -158,10 +178,15 @@ def _write(out: Path, fill, ups: list[dict], plan: dict, row_of: np.ndarray, ind
                     src_t = src["shard/targets"]
                     for b in range(0, len(rows), COPY_BLOCK_ROWS):
                         keep = u["keep"][b : b + COPY_BLOCK_ROWS]
-                        tg[rows[b : b + COPY_BLOCK_ROWS][keep]] = src_t[b : b + COPY_BLOCK_ROWS][keep]
+                        dst = rows[b : b + COPY_BLOCK_ROWS][keep]
+                        tg[dst] = src_t[b : b + COPY_BLOCK_ROWS][keep]
+                        if row_scale is not None:
+                            row_scale[dst] = src["shard/scale"][b : b + COPY_BLOCK_ROWS, 0][keep]
                         advance(len(keep))
         tg.flush()
-        del tg
+        if row_scale is not None:
+            row_scale.flush()
+        del tg, row_scale
         if images is not None:
             im = store.memmap(part, "images", mode="r+")
             for b in range(0, len(index), COPY_BLOCK_ROWS):
