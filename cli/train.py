@@ -1,0 +1,43 @@
+import typer
+from rich.table import Table
+
+from coopt_fast.student import TrainConfig, train as run_train
+
+from .app import command, emit
+
+_D = TrainConfig(run="")
+
+
+@command
+def train(
+    run: str = typer.Argument(..., help="run folder holding merged.h5 (or the path of a merged .h5)"),
+    student: str = typer.Option(_D.student, "--student", help="convnet or a torchvision classifier (resnet18, ...)"),
+    epochs: int = typer.Option(_D.epochs, "--epochs"),
+    out: str = typer.Option(..., "--out", help="output folder: student.pt, state.pt, train.jsonl, curve.png"),
+    batch_size: int = typer.Option(_D.batch_size, "--batch-size"),
+    lr: float = typer.Option(_D.lr, "--lr", help="AdamW peak learning rate (warmup, then cosine)"),
+    wd: float = typer.Option(_D.wd, "--wd", help="AdamW weight decay (not on norms and biases)"),
+    seed: int = typer.Option(_D.seed, "--seed"),
+    input_size: int = typer.Option(None, "--input-size", help="default: convnet the image side rounded up to 32, others 224"),
+    max_seconds: float = typer.Option(None, "--max-seconds", help="wall-clock budget: stop after the step that exceeds it"),
+    max_steps: int = typer.Option(None, "--max-steps", help="stop after this many optimizer steps"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT/state.pt"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile on CUDA"),
+    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
+    json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+):
+    """Train a student to regress the merged targets (cosine loss, z-scored targets, AdamW).
+
+    Reads RUN/merged.h5 through the memory-mapped loader; writes OUT/student.pt (the backbone,
+    usable by `probe` and as `extract --prior ARCH:OUT/student.pt`) every epoch, OUT/state.pt
+    for --resume (bitwise-exact on the CPU), OUT/train.jsonl and OUT/curve.png.
+    """
+    s = run_train(run, student, epochs, out, batch_size=batch_size, lr=lr, wd=wd, seed=seed, input_size=input_size,
+                  max_seconds=max_seconds, max_steps=max_steps, resume=resume, device=device, compile=compile,
+                  progress=not quiet)
+    t = Table(title=f"train {student}")
+    for k in ("checkpoint", "rows", "target_dim", "input_size", "device", "compiled", "epochs", "steps", "stopped",
+              "resumed", "loss", "seconds", "samples_per_s"):
+        t.add_row(k, f"{s[k]:.4g}" if isinstance(s[k], float) else str(s[k]))
+    emit(s, json_out, t)

@@ -1,0 +1,159 @@
+"""Batched, seeded image augmentations on tensors (CPU or GPU), for train and pretrain.
+
+Every op takes a whole batch float [B, C, H, W] in [0, 1] and a torch.Generator, and draws
+one parameter set per sample with a handful of vectorised tensor ops: no per-sample Python,
+no PIL, so the same code runs on the GPU next to the model, and a saved generator state
+replays it exactly (what `--resume` relies on). Random numbers are always drawn on the
+generator's device with a fixed number of draws per batch, so the stream never depends on
+the data.
+
+What torchvision does differently, and why it does not matter here:
+  random_resized_crop   no 10-try rejection loop: the crop's aspect is drawn as usual and its
+                        sides are clipped to the image (the area shrinks a little for extreme
+                        draws); crop + resize is one bilinear grid_sample, so shrinking a large
+                        crop aliases slightly (irrelevant at 28-64 px, the sizes this is for).
+  color_jitter          fixed order (brightness, contrast, saturation, hue) instead of a random
+                        one; hue is a rotation of the chroma plane in YIQ space, a linear stand-in
+                        for torchvision's HSV shift (exact for gray images, where hue is a no-op).
+Gaussian blur is left out: SSL recipes for small images (solo-learn's CIFAR configs) use it
+with probability 0.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+
+
+@lru_cache(maxsize=64)
+def _const(values: tuple, shape: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant on `device`, made once: a fresh torch.tensor(..., device="cuda") per step
+    would be a synchronous host-to-device copy that stalls the GPU queue."""
+    return torch.tensor(values, dtype=torch.float64).reshape(shape).to(device=device, dtype=dtype)
+
+
+def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=g.device) * (hi - lo) + lo
+
+
+def _bernoulli(g: torch.Generator, n: int, p: float) -> torch.Tensor:
+    return torch.rand(n, generator=g, device=g.device) < p
+
+
+def random_resized_crop(x: torch.Tensor, size: int, g: torch.Generator, scale=(0.08, 1.0),
+                        ratio=(3 / 4, 4 / 3), flip_p: float = 0.5) -> torch.Tensor:
+    """Crop a random area fraction in `scale` with aspect in `ratio`, resize to size x size,
+    and mirror horizontally with probability flip_p: one affine grid_sample for the batch."""
+    b = x.shape[0]
+    area = _uniform(g, b, *scale)
+    log_r = _uniform(g, b, math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(log_r)
+    w = torch.sqrt(area * aspect).clamp(max=1.0)   # crop width / image width
+    h = torch.sqrt(area / aspect).clamp(max=1.0)
+    cx = (torch.rand(b, generator=g, device=g.device) * 2 - 1) * (1 - w)  # centre, in [-1, 1] coords
+    cy = (torch.rand(b, generator=g, device=g.device) * 2 - 1) * (1 - h)
+    flip = torch.where(_bernoulli(g, b, flip_p), -1.0, 1.0).to(w)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0] = (w * flip).to(x)
+    theta[:, 0, 2] = cx.to(x)
+    theta[:, 1, 1] = h.to(x)
+    theta[:, 1, 2] = cy.to(x)
+    grid = F.affine_grid(theta, [b, x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma [B, 1, H, W] (ITU-R 601 weights, as torchvision's rgb_to_grayscale)."""
+    if x.shape[1] == 1:
+        return x
+    w = _const((0.299, 0.587, 0.114), (1, 3, 1, 1), x.device, x.dtype)
+    return (x * w).sum(1, keepdim=True)
+
+
+def color_jitter(x: torch.Tensor, g: torch.Generator, brightness=0.4, contrast=0.4, saturation=0.2,
+                 hue=0.1, p: float = 0.8) -> torch.Tensor:
+    """Per-sample brightness/contrast/saturation/hue factors, applied to a fraction p of the batch."""
+    b = x.shape[0]
+    apply = _bernoulli(g, b, p).view(b, 1, 1, 1)
+    fb = _uniform(g, b, 1 - brightness, 1 + brightness).view(b, 1, 1, 1).to(x)
+    fc = _uniform(g, b, 1 - contrast, 1 + contrast).view(b, 1, 1, 1).to(x)
+    fs = _uniform(g, b, 1 - saturation, 1 + saturation).view(b, 1, 1, 1).to(x)
+    fh = _uniform(g, b, -hue, hue).to(x)
+    y = (x * fb).clamp(0, 1)
+    mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+    y = ((y - mean) * fc + mean).clamp(0, 1)
+    if x.shape[1] == 3:
+        gray = _gray(y)
+        y = ((y - gray) * fs + gray).clamp(0, 1)
+        y = _hue_rotate(y, fh * 2 * math.pi).clamp(0, 1)
+    return torch.where(apply, y, x)
+
+
+_RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_YIQ2RGB = tuple(map(tuple, torch.linalg.inv(torch.tensor(_RGB2YIQ, dtype=torch.float64)).tolist()))
+
+
+def _hue_rotate(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Rotate chroma (I, Q) by `angle` radians per sample: a linear, batched hue shift."""
+    flat = lambda m: tuple(v for row in m for v in row)  # noqa: E731
+    yiq = torch.einsum("ij,bjhw->bihw", _const(flat(_RGB2YIQ), (3, 3), x.device, x.dtype), x)
+    c, s = torch.cos(angle).view(-1, 1, 1), torch.sin(angle).view(-1, 1, 1)
+    i, q = yiq[:, 1], yiq[:, 2]
+    yiq = torch.stack([yiq[:, 0], c * i - s * q, s * i + c * q], dim=1)
+    return torch.einsum("ij,bjhw->bihw", _const(flat(_YIQ2RGB), (3, 3), x.device, x.dtype), yiq)
+
+
+def random_grayscale(x: torch.Tensor, g: torch.Generator, p: float = 0.2) -> torch.Tensor:
+    apply = _bernoulli(g, x.shape[0], p).view(-1, 1, 1, 1)
+    return torch.where(apply, _gray(x).expand_as(x), x)
+
+
+def random_solarize(x: torch.Tensor, g: torch.Generator, p: float, threshold: float = 0.5) -> torch.Tensor:
+    apply = _bernoulli(g, x.shape[0], p).view(-1, 1, 1, 1)
+    return torch.where(apply & (x >= threshold), 1 - x, x)
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """[B, 1|3, S, S] in [0, 1] -> normalised [B, 3, S, S] (gray expanded to RGB, like priors.preprocess)."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    m = _const(tuple(mean), (1, -1, 1, 1), x.device, x.dtype)
+    s = _const(tuple(std), (1, -1, 1, 1), x.device, x.dtype)
+    return (x - m) / s
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> float [B, C, H, W] in [0, 1]."""
+    return images.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@dataclass
+class ViewConfig:
+    """One augmented view. Defaults: the BYOL/SimCLR recipe for small images (solo-learn CIFAR)."""
+
+    scale: tuple = (0.08, 1.0)
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)   # brightness, contrast, saturation, hue
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    solarize_p: float = 0.0
+    flip_p: float = 0.5
+
+
+def ssl_view(images: torch.Tensor, size: int, g: torch.Generator, cfg: ViewConfig, mean, std) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> one normalised augmented view [B, 3, size, size]."""
+    x = random_resized_crop(to_float(images), size, g, scale=cfg.scale, flip_p=cfg.flip_p)
+    if x.shape[1] == 1:  # colour ops need RGB to be meaningful; gray stays cheap until here
+        x = color_jitter(x, g, *cfg.jitter[:2], 0.0, 0.0, p=cfg.jitter_p)
+    else:
+        x = color_jitter(x, g, *cfg.jitter, p=cfg.jitter_p)
+        x = random_grayscale(x, g, cfg.gray_p)
+    x = random_solarize(x, g, cfg.solarize_p)
+    return normalize(x, mean, std)
+
+
+def crop_flip(images: torch.Tensor, size: int, g: torch.Generator, mean, std, scale=(0.25, 1.0)) -> torch.Tensor:
+    """The student's (and supervised pretraining's) light augmentation: random-resized-crop + flip."""
+    return normalize(random_resized_crop(to_float(images), size, g, scale=scale), mean, std)

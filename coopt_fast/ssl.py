@@ -1,0 +1,253 @@
+"""pretrain: prior models and baselines — supervised, BYOL, SimCLR — on a data set spec.
+
+  supervised  cross-entropy on labels; `labeled_fraction` trains on a seeded random subset
+              (a participant with a small labelled set of its own)
+  byol        online backbone -> projector -> predictor regresses the EMA target network's
+              projection of the other view; symmetric loss sum_v (2 - 2 cos(p_v, z'_other));
+              the EMA rate tau follows 1 - (1 - tau_base)(cos(pi p) + 1)/2, p = training progress
+  simclr      NT-Xent over the 2B views of a batch: each view's positive is its partner, the
+              other 2B - 2 views are negatives, temperature 0.2
+
+Sizes and augmentations are solo-learn's CIFAR recipes, the standard for small images:
+BYOL projector 4096 -> 256 and predictor 4096 -> 256, tau_base 0.99, solarisation 0 / 0.2 on
+the two views; SimCLR projector 2048 -> 256; both views random-resized-crop (0.08-1), colour
+jitter (0.4, 0.4, 0.2, 0.1) p=0.8, grayscale p=0.2, flip. The optimiser is not theirs: AdamW
+with warmup + cosine (LARS at lr 1.0 is tuned for ~1000-epoch runs; the runs here are short,
+often cut by a wall-clock budget, where Adam is the robust choice). Both views go through
+the network as one concatenated batch (one big matmul per layer instead of two).
+
+The losses are written here (about 20 lines) rather than taken from lightly or solo-learn:
+both pull in pytorch-lightning, hydra and more for a few lines of math.
+
+Output: OUT is the backbone checkpoint (save_checkpoint, meta: arch, input_size, mean, std,
+method, epochs, data, seed, ...), usable as `extract --prior ARCH:OUT` and by `probe`.
+OUT.state.pt holds what --resume needs; OUT.log.jsonl one line per epoch. The loop, device
+handling, budgets and bitwise-exact resume are student.fit's.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import augment
+from .data import load_dataset
+from .errors import CooptError
+from .loader import epoch_permutation, read_images
+from .priors import build_backbone, save_checkpoint
+from .store import VERSION
+from .student import (autocast, check_resume, default_input_size, default_norm, fit, load_state, lr_factor,
+                      maybe_compile, param_groups, resolve_device, rng_state, save_state, write_log)
+
+METHODS = ("supervised", "byol", "simclr")
+
+
+def mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, d_out))
+
+
+def byol_loss(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(p, z) averaged over the batch; z is the target network's output (no gradient)."""
+    return 2 - 2 * F.cosine_similarity(p.float(), z.detach().float(), dim=-1).mean()
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """SimCLR's normalised-temperature cross-entropy over 2B views (row i's positive: its partner)."""
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    sim = z @ z.T / temperature
+    self_mask = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))  # a view is not its own negative
+    target = torch.arange(2 * b, device=z.device).roll(b)  # [b..2b-1, 0..b-1], made on the device
+    return F.cross_entropy(sim, target)
+
+
+class Supervised(nn.Module):
+    def __init__(self, backbone, dim, num_classes):
+        super().__init__()
+        self.backbone, self.head = backbone, nn.Linear(dim, num_classes)
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.head(self.backbone(x)).float(), y)
+
+
+class SimCLR(nn.Module):
+    def __init__(self, backbone, dim, hidden=2048, out=256, temperature=0.2):
+        super().__init__()
+        self.backbone, self.projector, self.temperature = backbone, mlp(dim, hidden, out), temperature
+
+    def forward(self, v1, v2):
+        z = self.projector(self.backbone(torch.cat([v1, v2])))
+        return nt_xent(*z.chunk(2), self.temperature)
+
+
+class BYOL(nn.Module):
+    def __init__(self, backbone, dim, hidden=4096, out=256, pred_hidden=4096):
+        super().__init__()
+        self.backbone, self.projector = backbone, mlp(dim, hidden, out)
+        self.predictor = mlp(out, pred_hidden, out)
+        self.target_backbone, self.target_projector = copy.deepcopy(backbone), copy.deepcopy(self.projector)
+        for p in [*self.target_backbone.parameters(), *self.target_projector.parameters()]:
+            p.requires_grad_(False)
+
+    def forward(self, v1, v2):
+        p1, p2 = self.predictor(self.projector(self.backbone(torch.cat([v1, v2])))).chunk(2)
+        with torch.no_grad():
+            z1, z2 = self.target_projector(self.target_backbone(torch.cat([v1, v2]))).chunk(2)
+        return byol_loss(p1, z2) + byol_loss(p2, z1)
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        """target <- tau * target + (1 - tau) * online (parameters; BN buffers are copied)."""
+        for online, target in ((self.backbone, self.target_backbone), (self.projector, self.target_projector)):
+            for po, pt in zip(online.parameters(), target.parameters()):
+                pt.lerp_(po, 1 - tau)
+            for bo, bt in zip(online.buffers(), target.buffers()):
+                bt.copy_(bo)
+
+
+@dataclass
+class PretrainConfig:
+    dataset: str
+    method: str = "byol"
+    arch: str = "convnet"
+    epochs: int = 10
+    out: str = "prior.pt"
+    batch_size: int = 256
+    lr: float = 1e-3
+    wd: float | None = None           # None: 0.01 supervised, 1e-4 byol/simclr
+    labeled_fraction: float = 1.0     # supervised only
+    seed: int = 0
+    limit: int | None = None          # first N samples of the data set
+    input_size: int | None = None     # None: convnet -> image side rounded up to 32; else priors default
+    max_seconds: float | None = None  # wall-clock budget of this call (schedule anneals within it)
+    max_steps: int | None = None
+    resume: bool = False
+    device: str = "cpu"
+    compile: bool = True              # CUDA only
+    progress: bool = True
+    tau_base: float = 0.99            # BYOL
+    temperature: float = 0.2          # SimCLR
+    proj_hidden: int | None = None    # projector/predictor hidden width; None: 4096 byol, 2048 simclr
+    proj_dim: int = 256               # projector output
+
+
+def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: int = 10, out="prior.pt",
+             **kwargs) -> dict:
+    """Pretrain a backbone with `method` on `dataset`; returns a summary (see PretrainConfig)."""
+    cfg = PretrainConfig(dataset=dataset, method=method, arch=arch, epochs=epochs, out=str(out), **kwargs)
+    if cfg.method not in METHODS:
+        raise CooptError(f"unknown method {cfg.method!r} (use {', '.join(METHODS)})")
+    if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
+        raise CooptError("epochs must be >= 1, batch size >= 2 and lr > 0")
+    if not 0 < cfg.labeled_fraction <= 1:
+        raise CooptError(f"--labeled-fraction must be in (0, 1], got {cfg.labeled_fraction}")
+    if cfg.labeled_fraction != 1 and cfg.method != "supervised":
+        raise CooptError("--labeled-fraction applies to --method supervised only")
+    out = Path(cfg.out)
+    if out.suffix not in (".pt", ".pth", ".safetensors"):
+        raise CooptError(f"{out}: checkpoint must end in .pt, .pth or .safetensors")
+    wd = cfg.wd if cfg.wd is not None else (0.01 if cfg.method == "supervised" else 1e-4)
+    dev = resolve_device(cfg.device)
+    ds = load_dataset(cfg.dataset).subset(cfg.limit)
+    size = cfg.input_size or default_input_size(cfg.arch, ds.shape)
+    mean, std = default_norm(cfg.arch)
+
+    pool = torch.arange(len(ds))
+    labels = None
+    if cfg.method == "supervised":
+        if ds.labels is None:
+            raise CooptError(f"{cfg.dataset}: --method supervised needs a labelled data set")
+        labels = torch.from_numpy(ds.labels)
+        keep = max(1, round(cfg.labeled_fraction * len(ds)))
+        pool = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:keep].sort().values
+    if len(pool) < 2:
+        raise CooptError(f"{cfg.dataset}: need at least 2 training samples, have {len(pool)}")
+    bs = min(cfg.batch_size, len(pool))
+    steps_per_epoch = len(pool) // bs  # drop_last: BatchNorm and static shapes want full batches
+
+    backbone, dim, _ = build_backbone(cfg.arch, size, cfg.seed)
+    with torch.random.fork_rng(devices=[]):  # heads from the seed, not from the global RNG
+        torch.manual_seed(cfg.seed + 1)
+        if cfg.method == "supervised":
+            model = Supervised(backbone, dim, len(ds.classes) or int(ds.labels.max()) + 1)
+        elif cfg.method == "simclr":
+            model = SimCLR(backbone, dim, cfg.proj_hidden or 2048, cfg.proj_dim, cfg.temperature)
+        else:
+            model = BYOL(backbone, dim, cfg.proj_hidden or 4096, cfg.proj_dim, cfg.proj_hidden or 4096)
+    model = model.to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups([model], wd), lr=cfg.lr)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    loss_fn = maybe_compile(model, dev, cfg.compile)
+    views = (augment.ViewConfig(), augment.ViewConfig(solarize_p=0.2 if cfg.method == "byol" else 0.0))
+
+    identity = {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "limit": cfg.limit, "seed": cfg.seed,
+                "batch_size": bs, "input_size": size, "lr": cfg.lr, "wd": wd,
+                "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "proj_hidden": cfg.proj_hidden,
+                "proj_dim": cfg.proj_dim}
+    state_path, log_path = Path(str(out) + ".state.pt"), Path(str(out) + ".log.jsonl")
+    loop, resumed = None, False
+    if cfg.resume and state_path.exists():
+        st = load_state(state_path)
+        check_resume(state_path, st["identity"], identity)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["aug_rng"])
+        loop, resumed = st["loop"], True
+    meta = {"arch": cfg.arch, "input_size": size, "mean": list(mean), "std": list(std), "method": cfg.method,
+            "epochs_planned": cfg.epochs, "data": cfg.dataset, "limit": cfg.limit, "seed": cfg.seed,
+            "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "batch_size": bs, "lr": cfg.lr,
+            "wd": wd, "coopt_version": VERSION}
+
+    def batches(epoch, start):
+        order = pool[epoch_permutation(len(pool), cfg.seed, epoch)]
+        for b in range(start, steps_per_epoch):
+            idx = order[b * bs : (b + 1) * bs]
+            imgs = read_images(ds, idx.numpy(), size)  # in-memory: one numpy gather; folders: decode
+            yield {"images": imgs.to(dev, non_blocking=True), "labels": None if labels is None else labels[idx].to(dev)}
+
+    def step(batch, p):
+        for gr in opt.param_groups:
+            gr["lr"] = cfg.lr * lr_factor(p)
+        imgs = batch["images"]
+        if cfg.method == "supervised":
+            args = (augment.crop_flip(imgs, size, gen, mean, std), batch["labels"])
+        else:
+            args = tuple(augment.ssl_view(imgs, size, gen, v, mean, std) for v in views)
+        args = tuple(a.contiguous(memory_format=torch.channels_last) if a.ndim == 4 else a for a in args)
+        with autocast(dev):
+            loss = loss_fn(*args)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if cfg.method == "byol":
+            model.update_target(1 - (1 - cfg.tau_base) * (math.cos(math.pi * p) + 1) / 2)
+        return loss.detach()
+
+    def save(lp):
+        save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "aug_rng": rng_state(gen), "loop": lp})
+        save_checkpoint(out, model.backbone, {**meta, "epochs": lp["epoch"], "steps": lp["step"]})
+        write_log(log_path, lp["log"])
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.train()
+    loop = fit(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=bs,
+               batches=batches, step=step, save=save, loop=loop, max_seconds=cfg.max_seconds,
+               max_steps=cfg.max_steps, progress=cfg.progress)
+    if not out.exists():
+        save(loop)
+    last = loop["log"][-1]["loss"] if loop["log"] else (loop["trace"][-1][1] if loop["trace"] else float("nan"))
+    return {
+        "checkpoint": str(out), "state": str(state_path), "log": str(log_path), "method": cfg.method,
+        "arch": cfg.arch, "input_size": size, "device": str(dev), "compiled": loss_fn is not model,
+        "samples": len(pool), "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"],
+        "resumed": resumed, "seconds": loop["run_seconds"],
+        "samples_per_s": loop["run_samples"] / max(1e-9, loop["run_seconds"]), "loss": last,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")},
+    }

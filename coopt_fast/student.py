@@ -1,0 +1,353 @@
+"""train: a student backbone + linear head regresses the merged targets (cosine loss).
+
+    loss = 1 - cos(head(backbone(aug(x))), (y - mean) / std)      mean/std: the store's, per dim
+
+Data comes from `StoreLoader` (memory-mapped merged store); the augmentation (random-resized
+crop + flip, `augment.crop_flip`) runs batched on the training device and leaves the target
+as it is. AdamW, linear warmup then cosine decay, no weight decay on norms and biases.
+
+Device paths: CUDA runs bf16 autocast, channels_last and torch.compile on the model's forward
+(`compile=False` to skip it); the CPU runs eager fp32, channels_last (oneDNN's faster conv
+layout: 1.3-1.4x for convnet on 2 cores) with denormals flushed.
+
+Checkpoints, every epoch (and when a step or time budget ends a run mid-epoch):
+  OUT/student.pt    the backbone alone (save_checkpoint; arch, input_size, mean, std, provenance):
+                    what `probe` and `extract --prior ARCH:OUT/student.pt` load
+  OUT/state.pt      everything resume needs: model + head, optimizer, augmentation generator
+                    state, epoch/batch position, log. Plain tensors and containers only
+                    (torch.load(weights_only=True)), written to a tmp file and renamed.
+  OUT/train.jsonl   one line per epoch: loss, seconds, samples/s, lr
+  OUT/curve.png     the loss curve
+Every random draw comes from a torch.Generator (model init: build_backbone's seed; order:
+loader.epoch_permutation(seed, epoch); augmentation: a saved generator), so on the CPU a
+resumed run is bitwise equal to an uninterrupted one.
+
+`fit` (the epoch/step loop with budgets, progress and resume bookkeeping) is shared with
+ssl.pretrain.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import augment
+from .errors import CooptError
+from .loader import StoreLoader, resolve_store
+from .priors import CONVNET_MEAN, CONVNET_STD, DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_checkpoint
+from .progress import bar
+from .store import VERSION
+
+WARMUP_FRACTION = 0.05  # of all planned steps; short runs need a short warmup
+
+
+# ---- shared by train and pretrain ---------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if present; refuses cuda without a GPU. CPU: flush denormals (BN/Adam
+    produce them late in training, and x86 runs them ~100x slower)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CooptError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CooptError(f"device {device!r} requested, but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise CooptError(f"unsupported device {device!r} (use cpu, cuda, cuda:N or auto)")
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)
+    return dev
+
+
+def autocast(dev: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def maybe_compile(module: nn.Module, dev: torch.device, compile: bool):
+    """torch.compile on CUDA only: on the CPU, Inductor's compile time (~1 min) exceeds what it saves."""
+    return torch.compile(module) if compile and dev.type == "cuda" else module
+
+
+def default_input_size(arch: str, image_shape) -> int:
+    """convnet: the images' side rounded up to a multiple of 32 (28 -> 32); others: priors default."""
+    if arch == "convnet" and image_shape:
+        return max(32, -(-max(image_shape[:2]) // 32) * 32)
+    return DEFAULT_INPUT_SIZE.get(arch, 224)
+
+
+def default_norm(arch: str) -> tuple[tuple, tuple]:
+    return (CONVNET_MEAN, CONVNET_STD) if arch == "convnet" else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def param_groups(modules: Iterable[nn.Module], wd: float) -> list[dict]:
+    """Weight decay on weight matrices/kernels only: decaying BN scales and biases only hurts."""
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(progress: float, warmup: float = WARMUP_FRACTION) -> float:
+    """Linear warmup over the first `warmup` of training, then cosine decay to 0."""
+    if progress < warmup:
+        return (progress + 1e-9) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+def save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a crash leaves the previous epoch's state
+
+
+def load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CooptError(f"{path}: unreadable training state ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def check_resume(path: Path, saved: dict, current: dict) -> None:
+    """Resume must continue the same run: refuse changed settings, naming them."""
+    diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diff:
+        raise CooptError(f"{path}: cannot resume, settings differ ({'; '.join(diff)}); drop --resume to start over")
+
+
+def rng_state(g: torch.Generator) -> torch.Tensor:
+    return g.get_state().cpu()
+
+
+def fit(*, what: str, epochs: int, steps_per_epoch: int, batch_size: int,
+        batches: Callable[[int, int], Iterable], step: Callable[[object, float], torch.Tensor],
+        save: Callable[[dict], None], loop: dict | None = None, max_seconds: float | None = None,
+        max_steps: int | None = None, progress: bool = True, sync_every: int = 10) -> dict:
+    """The epoch/step loop shared by train and pretrain.
+
+    batches(epoch, start_batch) yields the epoch's batches from start_batch on; step(batch, p)
+    runs one optimizer step at schedule position p in [0, 1] and returns the detached loss;
+    save(loop) persists model + loop state (at each epoch end, and when a budget stops the run).
+    With max_seconds, p = max(step fraction, time fraction) so the schedule anneals within the
+    budget. Returns the loop dict: epoch, batch, step, log, trace, stopped, run_seconds, run_samples.
+    """
+    loop = dict(loop or {"epoch": 0, "batch": 0, "step": 0, "log": [], "trace": [],
+                         "part": {"loss": 0.0, "steps": 0, "seconds": 0.0, "samples": 0}})
+    total_steps = max(1, epochs * steps_per_epoch)
+    start = time.perf_counter()
+    run_samples = 0
+    stopped = "max_steps" if max_steps is not None and loop["step"] >= max_steps else "epochs"
+    remaining = max(0, total_steps - loop["step"]) * batch_size
+    with bar(what, remaining, enabled=progress) as advance:
+        while loop["epoch"] < epochs and stopped == "epochs":
+            e = loop["epoch"]
+            part = loop["part"]
+            t_epoch, acc, window = time.perf_counter(), None, 0
+            for batch in batches(e, loop["batch"]):
+                p = loop["step"] / total_steps
+                if max_seconds:
+                    p = max(p, (time.perf_counter() - start) / max_seconds)
+                loss = step(batch, min(1.0, p))
+                acc = loss if acc is None else acc + loss
+                window += 1
+                loop["step"] += 1
+                loop["batch"] += 1
+                run_samples += batch_size
+                part["samples"] += batch_size
+                if window == sync_every or loop["batch"] == steps_per_epoch:
+                    v = acc.item()  # the only host sync: every sync_every steps
+                    part["loss"] += v
+                    part["steps"] += window
+                    loop["trace"].append([loop["step"], v / window])
+                    advance(window * batch_size, info=f"epoch {e + 1}/{epochs} loss {v / window:.4f}")
+                    acc, window = None, 0
+                if max_steps is not None and loop["step"] >= max_steps:
+                    stopped = "max_steps"
+                elif max_seconds and time.perf_counter() - start >= max_seconds:
+                    stopped = "max_seconds"
+                if stopped != "epochs":
+                    break
+            if acc is not None:
+                v = acc.item()
+                part["loss"] += v
+                part["steps"] += window
+                loop["trace"].append([loop["step"], v / window])
+            part["seconds"] += time.perf_counter() - t_epoch
+            if loop["batch"] >= steps_per_epoch:  # epoch complete
+                loop["log"].append({
+                    "epoch": e + 1, "loss": part["loss"] / max(1, part["steps"]), "seconds": part["seconds"],
+                    "samples_per_s": part["samples"] / max(1e-9, part["seconds"]), "steps": loop["step"],
+                    "lr_factor": lr_factor(min(1.0, loop["step"] / total_steps)),
+                })
+                loop.update(epoch=e + 1, batch=0, part={"loss": 0.0, "steps": 0, "seconds": 0.0, "samples": 0})
+            save(loop)
+    loop["stopped"] = stopped
+    loop["run_seconds"] = time.perf_counter() - start
+    loop["run_samples"] = run_samples
+    return loop
+
+
+def write_log(path: Path, log: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
+    os.replace(tmp, path)
+
+
+def plot_curve(path: Path, trace: list, log: list[dict], steps_per_epoch: int, title: str) -> None:
+    """Loss vs epoch (Agg canvas, no pyplot: no global backend state, safe in threads/tests)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if trace:
+        ax.plot([s / steps_per_epoch for s, _ in trace], [v for _, v in trace], lw=1, alpha=0.6, label="steps")
+    if log:
+        ax.plot([r["epoch"] for r in log], [r["loss"] for r in log], "o-", label="epoch mean")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+# ---- the student ---------------------------------------------------------------------------
+
+class Student(nn.Module):
+    def __init__(self, backbone: nn.Module, dim: int, target_dim: int, seed: int):
+        super().__init__()
+        self.backbone = backbone
+        with torch.random.fork_rng(devices=[]):  # head init from the seed, not the global RNG
+            torch.manual_seed(seed + 1)
+            self.head = nn.Linear(dim, target_dim)
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+
+def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of 1 - cos(pred_i, target_i); in fp32 whatever the autocast dtype."""
+    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=1, eps=1e-8)).mean()
+
+
+@dataclass
+class TrainConfig:
+    run: str
+    student: str = "convnet"
+    epochs: int = 10
+    out: str = "student"
+    batch_size: int = 128
+    lr: float = 1e-3
+    wd: float = 0.01
+    seed: int = 0
+    resume: bool = False
+    device: str = "cpu"
+    compile: bool = True             # CUDA only
+    max_seconds: float | None = None  # wall-clock budget of this call; stop after the step that exceeds it
+    max_steps: int | None = None      # stop after this many optimizer steps in all (smoke runs, tests)
+    input_size: int | None = None     # None: default_input_size
+    crop_scale: tuple = (0.25, 1.0)   # milder than ImageNet's 0.08: the target describes the whole image
+    progress: bool = True
+
+
+def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwargs) -> dict:
+    """Train a student on RUN/merged.h5; returns a summary (see TrainConfig for the options)."""
+    cfg = TrainConfig(run=str(run), student=student, epochs=epochs, out=str(out), **kwargs)
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.wd < 0:
+        raise CooptError("epochs and batch size must be >= 1, lr > 0 and wd >= 0")
+    dev = resolve_device(cfg.device)
+    out_dir = Path(cfg.out)
+    store = resolve_store(cfg.run)
+    loader = StoreLoader(store, cfg.batch_size, fields=("images", "targets"), seed=cfg.seed, device=dev)
+    size = cfg.input_size or default_input_size(cfg.student, loader.image_shape)
+    loader.image_size = size  # folder images of mixed size are resized to it
+    loader.drop_last = loader.n >= cfg.batch_size  # static shapes (no recompiles), no 1-sample BN batch
+    if len(loader) == 0:
+        raise CooptError(f"{store}: no rows to train on")
+    mean, std = default_norm(cfg.student)
+    t_mean = (loader.target_mean if loader.target_mean is not None else torch.zeros(loader.dim)).to(dev)
+    t_std = (loader.target_std if loader.target_std is not None else torch.ones(loader.dim)).to(dev)
+    t_std = torch.where(t_std > 0, t_std, torch.ones_like(t_std))  # a constant dimension stays 0
+
+    backbone, dim, _ = build_backbone(cfg.student, size, cfg.seed)
+    model = Student(backbone, dim, loader.dim, cfg.seed).to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups([model], cfg.wd), lr=cfg.lr)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    forward = maybe_compile(model, dev, cfg.compile)
+
+    identity = {"student": cfg.student, "batch_size": cfg.batch_size, "seed": cfg.seed, "input_size": size,
+                "lr": cfg.lr, "wd": cfg.wd, "rows": loader.n, "target_dim": loader.dim}
+    state_path, ckpt_path = out_dir / "state.pt", out_dir / "student.pt"
+    loop, resumed = None, False
+    if cfg.resume and state_path.exists():
+        st = load_state(state_path)
+        check_resume(state_path, st["identity"], identity)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        gen.set_state(st["aug_rng"])
+        loop, resumed = st["loop"], True
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"arch": cfg.student, "input_size": size, "mean": list(mean), "std": list(std),
+            "method": "coopt-student", "data": loader.attrs.get("dataset", ""), "store": str(store),
+            "participants": loader.participants, "target_dim": loader.dim, "seed": cfg.seed,
+            "batch_size": cfg.batch_size, "lr": cfg.lr, "wd": cfg.wd, "coopt_version": VERSION}
+
+    def batches(epoch, start):
+        loader.set_epoch(epoch, start)
+        return loader
+
+    def step(batch, p):
+        for gr in opt.param_groups:
+            gr["lr"] = cfg.lr * lr_factor(p)
+        x = augment.crop_flip(batch["images"], size, gen, mean, std, cfg.crop_scale)
+        x = x.contiguous(memory_format=torch.channels_last)
+        y = (batch["targets"].float() - t_mean) / t_std
+        with autocast(dev):
+            pred = forward(x)
+        loss = cosine_loss(pred, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    def save(lp):
+        save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "aug_rng": rng_state(gen), "loop": lp})
+        save_checkpoint(ckpt_path, model.backbone, {**meta, "epochs": lp["epoch"], "steps": lp["step"]})
+        write_log(out_dir / "train.jsonl", lp["log"])
+
+    model.train()
+    loop = fit(what="train", epochs=cfg.epochs, steps_per_epoch=len(loader), batch_size=min(cfg.batch_size, loader.n),
+               batches=batches, step=step, save=save, loop=loop, max_seconds=cfg.max_seconds,
+               max_steps=cfg.max_steps, progress=cfg.progress)
+    if not ckpt_path.exists():  # resumed a finished run: fit saved nothing
+        save(loop)
+    rate = loop["run_samples"] / max(1e-9, loop["run_seconds"])
+    plot_curve(out_dir / "curve.png", loop["trace"], loop["log"], len(loader),
+               f"coopt student {cfg.student} on {store.name}")
+    last = loop["log"][-1]["loss"] if loop["log"] else (loop["trace"][-1][1] if loop["trace"] else float("nan"))
+    return {
+        "checkpoint": str(ckpt_path), "state": str(state_path), "log": str(out_dir / "train.jsonl"),
+        "curve": str(out_dir / "curve.png"), "student": cfg.student, "input_size": size, "device": str(dev),
+        "compiled": forward is not model, "rows": loader.n, "target_dim": loader.dim,
+        "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"], "resumed": resumed,
+        "seconds": loop["run_seconds"], "samples_per_s": rate, "loss": last,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("run", "out", "progress")},
+    }
