@@ -1,7 +1,7 @@
 import typer
 from rich.table import Table
 
-import coopt_fast.status
+import coopt_fast
 
 from .app import command, emit
 
@@ -12,7 +12,7 @@ def status(
     json_out: bool = typer.Option(False, "--json", help="print the progress as JSON on stdout"),
 ):
     """Each participant's progress (rows done / total, rows/s, ETA), read live while extract runs."""
-    s = coopt_fast.status.status(run)
+    s = coopt_fast.status(run)
     t = Table(title=f"{run}: {len(s['participants'])} of {s['shards']} participants started"
               + (", merged" if s["merged"] else ""))
     for c in ("participant", "state", "rows", "rows/s", "ETA", "aligned"):

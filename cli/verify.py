@@ -1,7 +1,7 @@
 import typer
 from rich.table import Table
 
-import coopt_fast.verify
+import coopt_fast
 
 from .app import command, emit
 
@@ -12,7 +12,7 @@ def verify(
     json_out: bool = typer.Option(False, "--json", help="print the checks as JSON on stdout"),
 ):
     """Check every file in RUN (checksums, completion, format version, plan, hashes); exit 1 on any fault."""
-    s = coopt_fast.verify.verify(run)
+    s = coopt_fast.verify(run)
     t = Table(title=f"verify {run}: {'all fine' if s['ok'] else 'FAULTS FOUND'}")
     for c in ("file", "", "checks"):
         t.add_column(c)

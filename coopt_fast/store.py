@@ -196,16 +196,25 @@ def create_contiguous(f: h5py.File, name: str, shape: tuple, dtype) -> h5py.Data
     return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
 
 
+def memmap_dataset(path: Path, ds: h5py.Dataset, mode: str = "r") -> np.ndarray:
+    """np.memmap over a contiguous, unfiltered HDF5 dataset of an open file (zero-copy)."""
+    if ds.chunks is not None or ds.compression is not None:
+        raise CooptError(
+            f"{path}:{ds.name}: dataset is chunked{' and ' + ds.compression + '-compressed' if ds.compression else ''}"
+            f" (chunks {ds.chunks}); the loader memory-maps contiguous uncompressed data — rewrite it with `coopt-fast merge`"
+        )
+    if ds.size == 0:
+        return np.empty(ds.shape, ds.dtype)
+    offset = ds.id.get_offset()
+    if offset is None:  # contiguous but never written and not allocated early: no storage yet
+        raise CooptError(f"{path}:{ds.name}: dataset has no data written")
+    return np.memmap(path, dtype=ds.dtype, mode=mode, offset=offset, shape=ds.shape)
+
+
 def memmap(path: Path, name: str, mode: str = "r") -> np.memmap:
-    """np.memmap over a contiguous dataset: zero-copy reads/writes at its file offset."""
+    """memmap_dataset by file path and dataset name."""
     with h5py.File(path, "r") as f:
-        ds = f[name]
-        if ds.chunks is not None or ds.compression is not None:
-            raise CooptError(f"{path}:{name}: chunked/compressed; only contiguous datasets can be memory-mapped")
-        offset, shape, dtype = ds.id.get_offset(), ds.shape, ds.dtype
-    if offset is None:
-        raise CooptError(f"{path}:{name}: has no storage allocated")
-    return np.memmap(path, mode=mode, dtype=dtype, offset=offset, shape=shape)
+        return memmap_dataset(path, f[name], mode)
 
 
 def _proc_start(pid: int) -> str:

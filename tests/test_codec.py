@@ -62,3 +62,24 @@ def test_align_merge_round_trip(tmp_path, small_run, name):
     rel = np.linalg.norm(back - ref) / np.linalg.norm(ref)
     assert rel < {"bfloat16": 4e-3, "int8": 1e-2, "int8-dim": 2e-2}[name], rel
     np.testing.assert_allclose(mean, back.astype(np.float64).mean(0), rtol=1e-4, atol=1e-5)
+
+
+@requires_fmnist
+def test_loader_decodes_compressed_targets(tmp_path, small_run):
+    from coopt_fast.loader import StoreLoader
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    coopt_fast.align(run, dim=32, target_dtype="int8-dim", progress=False)
+    coopt_fast.merge(run, progress=False)
+    loader = StoreLoader(run / "merged.h5", 300, fields=("targets", "index"), shuffle=True, seed=3)
+    with h5py.File(run / "merged.h5", "r") as f:
+        full = codec.decode(torch.from_numpy(f["targets"][:]), "int8-dim",
+                            torch.from_numpy(f["target_scale"][:])[torch.from_numpy(f["participant"][:]).long()])
+    seen = 0
+    for b in loader:
+        assert b["targets"].dtype == torch.float32
+        rows = b["index"].numpy()  # index == row here (no missing shards)
+        assert torch.equal(b["targets"], full[rows])
+        seen += len(rows)
+    assert seen == 2000
