@@ -202,10 +202,8 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
                 store.create_rows(f, "shard/scale", n_k, 1, np.float32)
             if td == "int8-dim" and "scale" not in f:
                 f.create_dataset("scale", data=codec.dim_scale(ft["shared"]).numpy())
-                f.attrs["clipped"] = 0
-            if "stats/sum" not in f:
-                f.create_dataset("stats/sum", data=np.zeros(dim))
-                f.create_dataset("stats/sumsq", data=np.zeros(dim))
+            if "stats/running" not in f:
+                f.create_dataset("stats/running", data=np.zeros(2 * dim + 2))
             _resume_stats(f, tgt)
             f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"],
                             "uniformity": ft["meta"]["uniformity"]})
@@ -232,24 +230,34 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
                         dec = codec.decode(torch.from_numpy(stored), td, torch.from_numpy(row_scale) if
                                            row_scale is not None else scale).double()
                         sums[g], sumsqs[g] = dec.sum(0), dec.square().sum(0)
-                    # Order matters for resume: rows flushed, then stats (with the row count
-                    # they cover), then rows_done. A crash between the last two is repaired
-                    # in _resume_stats by trusting stats_rows, whose rows are on disk.
+                    # Order matters for resume: rows flushed, then the running statistics (sums,
+                    # sums of squares, the row count they cover, clipped values) in ONE dataset
+                    # write, then rows_done. A crash between the last two is repaired in
+                    # _resume_stats by trusting the statistics' row count, whose rows are on disk.
                     tgt[start : start + len(stored)] = stored
                     if row_scale is not None:
                         f["shard/scale"][start : start + len(stored), 0] = row_scale
-                    if scale is not None:
-                        f.attrs["clipped"] = int(f.attrs["clipped"]) + codec.clipped(ys[g], scale)
                     f.flush()
-                    f["stats/sum"][...] = f["stats/sum"][:] + sums[g].numpy()
-                    f["stats/sumsq"][...] = f["stats/sumsq"][:] + sumsqs[g].numpy()
-                    f.attrs["stats_rows"] = start + len(ys[g])
+                    run_stats = f["stats/running"][:]
+                    run_stats[:dim] += sums[g].numpy()
+                    run_stats[dim : 2 * dim] += sumsqs[g].numpy()
+                    run_stats[-2] = start + len(stored)
+                    run_stats[-1] += codec.clipped(ys[g], scale) if scale is not None else 0
+                    f["stats/running"][...] = run_stats
                     f.flush()
                     store.set_rows_done(tgt, start + len(ys[g]))
                     f.flush()
                     advance(len(ys[g]))
         for f, _, path in outs.values():
+            run_stats = f["stats/running"][:]
+            for key, val in (("stats/sum", run_stats[:dim]), ("stats/sumsq", run_stats[dim : 2 * dim])):
+                if key in f:  # left by a run interrupted while publishing
+                    del f[key]
+                f.create_dataset(key, data=val)
+            del f["stats/running"]
             f.attrs["reference"] = ref or "none"
+            if td == "int8-dim":
+                f.attrs["clipped"] = int(run_stats[-1])
             store.publish(f, path)
         outs.clear()
     finally:
@@ -260,8 +268,8 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
 
 
 def _resume_stats(f, tgt) -> None:
-    """Make rows_done and the stats agree after a crash (see the write order in _apply_all)."""
-    stats_rows = int(f.attrs.get("stats_rows", 0))
+    """Make rows_done and the statistics agree after a crash (see the write order in _apply_all)."""
+    stats_rows = int(f["stats/running"][-2])
     if stats_rows > store.rows_done(tgt):
         store.set_rows_done(tgt, stats_rows)
     elif stats_rows < store.rows_done(tgt):  # cannot happen with that order; refuse to guess

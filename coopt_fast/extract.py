@@ -166,10 +166,15 @@ def extract(
     }
     rank_part = out.with_name(f"features.rank{rank}.h5") if world > 1 else out
     with store.Lock(rank_part):  # one writer per file; a kill -9'd writer's lock is stale
+        summary = None
         if out.exists():
             with store.open_complete(out, "features") as f:
                 if all(store._attr_eq(f.attrs.get(k), v) for k, v in identity.items()):
-                    return _summary(out, f, resumed=False, skipped=True)
+                    summary = _summary(out, f, resumed=False, skipped=True)
+            if summary is not None:
+                if "features.h5" not in store.read_manifest(out.parent):  # interrupted between publish and this
+                    store.write_manifest(out.parent, out.name)
+                return summary
             raise CooptError(f"{out}: exists from another extraction (prior/shard/seed/decoder differ); remove it to re-extract")
         resumed = _run(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image,
                        workers, participant, rank, world, progress)
@@ -211,8 +216,9 @@ def _extract_part(path, identity, rows, p, ds, runner, dec, bs, dev, on_bad, wor
     try:
         outs = {}
         for group in GROUPS:  # every object first: SWMR allows writing data, not creating objects
-            if f"{group}/index" not in f:
+            if f"{group}/index" not in f:  # each object checked on its own: a crash may fall between
                 f.create_dataset(f"{group}/index", data=rows[group])
+            if f"{group}/skipped" not in f:
                 f.create_dataset(f"{group}/skipped", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
             outs[group] = store.create_rows(f, f"{group}/features", len(rows[group]), p.dim)
             store.start_session(outs[group])

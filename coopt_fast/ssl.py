@@ -230,10 +230,12 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
         return loss.detach()
 
     def save(lp):
-        save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "aug_rng": rng_state(gen), "loop": lp})
+        # state.pt last: it is the commit point. Interrupted before it, --resume redoes the epoch
+        # from the previous state and rewrites the checkpoint and log; after it, all three agree.
         save_checkpoint(out, model.backbone, {**meta, "epochs": lp["epoch"], "steps": lp["step"]})
         write_log(log_path, lp["log"])
+        save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "aug_rng": rng_state(gen), "loop": lp})
 
     out.parent.mkdir(parents=True, exist_ok=True)
     model.train()

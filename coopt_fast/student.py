@@ -328,10 +328,12 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
         return loss.detach()
 
     def save(lp):
-        save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "aug_rng": rng_state(gen), "loop": lp})
+        # state.pt last: it is the commit point. Interrupted before it, --resume redoes the epoch
+        # from the previous state and rewrites the checkpoint and log; after it, all three agree.
         save_checkpoint(ckpt_path, model.backbone, {**meta, "epochs": lp["epoch"], "steps": lp["step"]})
         write_log(out_dir / "train.jsonl", lp["log"])
+        save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "aug_rng": rng_state(gen), "loop": lp})
 
     model.train()
     loop = fit(what="train", epochs=cfg.epochs, steps_per_epoch=len(loader), batch_size=min(cfg.batch_size, loader.n),

@@ -201,10 +201,6 @@ def test_extract_interrupted_mid_append_resumes_exactly(planned, extracted, tmp_
     _assert_same_datasets(extracted / "participants/a/features.h5", run / "participants/a/features.h5")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: extract publishes features.h5 (rename) and only then writes manifest.json; interrupted in between, "
-    "the rerun sees a complete features.h5, returns 'skipped' and never records its sha256, so "
-    "`coopt-fast verify` reports 'not recorded in manifest.json' forever"))
 def test_extract_interrupted_after_publish_records_the_manifest_on_rerun(planned, tmp_path, monkeypatch):
     run = _copy(planned, tmp_path)
     interrupt_when(monkeypatch, store, "write_manifest")
@@ -218,10 +214,6 @@ def test_extract_interrupted_after_publish_records_the_manifest_on_rerun(planned
         run / "participants/a/features.h5")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: extract creates {group}/index and {group}/skipped in two steps but resumes on `index in f` alone; "
-    "interrupted in between (Ctrl-C; abandon() flushes the file), every rerun dies with "
-    "KeyError: object 'skipped' doesn't exist"))
 def test_extract_interrupted_between_index_and_skipped_resumes(planned, extracted, tmp_path, monkeypatch):
     run = _copy(planned, tmp_path)
     interrupt_when(monkeypatch, h5py.Group, "create_dataset", lambda self, name, *a, **k: name == "shard/skipped")
@@ -254,9 +246,6 @@ def test_align_interrupted_between_blocks_resumes_exactly(extracted, aligned_ref
         _assert_same_datasets(aligned_ref / f"participants/{name}/aligned.h5", run / f"participants/{name}/aligned.h5")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: align creates stats/sum and stats/sumsq in two steps but resumes on `stats/sum in f` alone; "
-    "interrupted in between, every rerun dies with KeyError: object 'sumsq' doesn't exist"))
 def test_align_interrupted_between_stats_datasets_resumes(extracted, aligned_ref, tmp_path, monkeypatch):
     run = _copy(extracted, tmp_path)
     interrupt_when(monkeypatch, h5py.Group, "create_dataset", lambda self, name, *a, **k: name == "stats/sumsq")
@@ -269,23 +258,18 @@ def test_align_interrupted_between_stats_datasets_resumes(extracted, aligned_ref
         _assert_same_datasets(aligned_ref / f"participants/{name}/aligned.h5", run / f"participants/{name}/aligned.h5")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: align adds a block's sums to stats/sum and stats/sumsq, then sets attr stats_rows, with no flush "
-    "between; interrupted in between (Ctrl-C: abandon() closes and so flushes the new sums), the rerun "
-    "sees stats_rows == rows_done, redoes the block and adds its sums twice: aligned.h5's stats (and "
-    "merged target_mean/target_std) differ from an uninterrupted run"))
-def test_align_interrupted_between_stats_and_stats_rows_keeps_exact_stats(extracted, aligned_ref, tmp_path,
-                                                                          monkeypatch):
+def test_align_interrupted_between_stats_and_rows_done_keeps_exact_stats(extracted, aligned_ref, tmp_path,
+                                                                         monkeypatch):
+    """Stop after a block's rows and statistics are written but before rows_done moves: the rerun
+    must neither redo the block's statistics twice nor lose them."""
     run = _copy(extracted, tmp_path)
     calls = {"n": 0}
 
-    def third(self, key, value):
-        if key == "stats_rows":
-            calls["n"] += 1
-            return calls["n"] == 3
-        return False
+    def third(ds, n):
+        calls["n"] += 1
+        return calls["n"] == 3
 
-    interrupt_when(monkeypatch, h5py.AttributeManager, "__setitem__", third)
+    interrupt_when(monkeypatch, store, "set_rows_done", third)
     with small_blocks(), pytest.raises(KeyboardInterrupt):
         coopt_fast.align(run, dim=64, progress=False)
     monkeypatch.undo()
@@ -361,10 +345,6 @@ def test_train_interrupted_in_the_first_epoch_save_resumes_exactly(student_store
     _assert_same_checkpoint(trained_ref, tmp_path / "out")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: train saves state.pt, then student.pt, then train.jsonl; interrupted after state.pt of the LAST "
-    "epoch, `train --resume` finds the loop finished, skips fit's save and, since student.pt exists (the "
-    "previous epoch's), never rewrites it: student.pt and train.jsonl stay one epoch behind state.pt"))
 def test_train_interrupted_after_last_state_save_resumes_to_the_final_checkpoint(student_store, trained_ref,
                                                                                   tmp_path, monkeypatch):
     from coopt_fast import student
