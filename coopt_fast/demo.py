@@ -1,8 +1,13 @@
 """`coopt-fast demo`: the paper's story end to end on Fashion-MNIST, sized for a 2-core CPU.
 
-Data side: split among K=4 participants with heterogeneous priors, their extractions run as
-parallel processes (each sharing the run folder, as separate machines would), then score,
-align, merge and inspect.
+1. priors: participants' prior models of different kinds, trained here (or reused from
+   OUT/checkpoints): supervised on a small labelled fraction, BYOL, a weak early checkpoint,
+   a random network, human labels.
+2. data side: split D among K participants; their extractions run as parallel processes
+   (sharing the run folder as separate machines would); score, align, merge, inspect.
+3. student: trained on the merged targets, then probed (linear + kNN on frozen features).
+4. baseline: the same student architecture trained with BYOL on the same images for the same
+   wall-clock as COOPT's data optimisation + student training, then probed the same way.
 """
 from __future__ import annotations
 
@@ -20,32 +25,74 @@ from .errors import CooptError
 from .merge import merge
 from .plan import split
 
+PRIOR_KINDS = ("supervised", "byol", "simclr", "weak", "random", "labels")
+
 
 @dataclass
 class DemoConfig:
     out: str = "runs/demo"
-    dataset: str = "fashion-mnist"
-    limit: int = 8000               # samples in D; 60000 = the full training set
+    limit: int = 8000                 # samples of Fashion-MNIST train in D; 60000 = all of it
     participants: int = 4
-    shared_fraction: float = 0.05   # |S| = 400 at the default size
-    dim: int = 256                  # n, the common target dimension
+    priors: str = "supervised,byol,weak,random"  # one kind per participant, from PRIOR_KINDS
+    shared_fraction: float = 0.05     # |S| = 400 at the default size
+    dim: int = 256                    # n, the common target dimension
+    arch: str = "convnet"             # priors' and student's architecture
+    # Priors stand for models their owners already have (pretrained elsewhere, as in the paper):
+    # their training is cached and not part of COOPT's time. Each sees its own 4,000 images.
+    prior_limit: int = 4000
+    labeled_fraction: float = 0.25    # of prior_limit: the supervised participant's 1,000 labels
+    prior_epochs: int = 10            # supervised prior; the weak prior gets 1 epoch on a tenth
+    byol_prior_epochs: int = 4
+    student_epochs: int = 3
+    batch_size: int = 128
+    probe_train: int = 10000          # labelled train images for the probes
+    probe_test: int = 2000            # test images for the probes
+    device: str = "cpu"
     seed: int = 0
 
 
-def _priors(cfg: DemoConfig, ckpt_dir: Path) -> list[tuple[str, str, int]]:
-    """(participant, prior spec, seed) for K participants: the kinds of prior the paper mixes."""
-    kinds = [("labeler", "labels", 0), ("random", "convnet", 0), ("random2", "convnet", 1), ("random3", "convnet", 2)]
-    return kinds[: cfg.participants]
+def _prior_specs(cfg: DemoConfig, ckpts: Path, timed) -> list[tuple[str, str, int]]:
+    """(participant, prior spec, seed) per participant; trains the checkpoints it needs once."""
+    from .ssl import pretrain
+
+    kinds = [k.strip() for k in cfg.priors.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in PRIOR_KINDS]
+    if unknown:
+        raise CooptError(f"--priors: unknown kind(s) {unknown} (use {', '.join(PRIOR_KINDS)})")
+    if len(kinds) != cfg.participants:
+        raise CooptError(f"--priors names {len(kinds)} kinds for {cfg.participants} participants")
+    common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=False)
+    recipes = {  # kind -> (method, epochs, extra pretrain options)
+        "supervised": ("supervised", cfg.prior_epochs, dict(limit=cfg.prior_limit, labeled_fraction=cfg.labeled_fraction)),
+        "weak": ("supervised", 1, dict(limit=cfg.prior_limit, labeled_fraction=cfg.labeled_fraction / 10)),
+        "byol": ("byol", cfg.byol_prior_epochs, dict(limit=cfg.prior_limit)),
+        "simclr": ("simclr", cfg.byol_prior_epochs, dict(limit=cfg.prior_limit)),
+    }
+    specs = []
+    for i, kind in enumerate(kinds):
+        name = f"p{i}-{kind}"
+        if kind == "labels":
+            specs.append((name, "labels", 0))
+        elif kind == "random":
+            specs.append((name, cfg.arch, cfg.seed + i))
+        else:
+            method, epochs, extra = recipes[kind]
+            path = ckpts / f"{kind}-{cfg.arch}-e{epochs}-n{extra['limit']}-s{cfg.seed}.safetensors"
+            if not path.exists():  # cached across demo runs: the participants' models exist beforehand
+                timed(f"pretrain {kind} prior", pretrain, "fashion-mnist", method=method, arch=cfg.arch,
+                      epochs=epochs, out=path, **extra, **common)
+            specs.append((name, f"{cfg.arch}:{path}", cfg.seed))
+    return specs
 
 
-def _extract_in_parallel(run: Path, jobs: list[tuple[str, int, str, int]], log_dir: Path) -> None:
+def _extract_in_parallel(run: Path, jobs: list[tuple[str, int, str, int]], log_dir: Path, device: str) -> None:
     """One OS process per participant; threads split evenly so they don't oversubscribe cores."""
     threads = max(1, (os.cpu_count() or 1) // len(jobs))
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     procs = []
     for name, shard, prior, seed in jobs:
         cmd = [sys.executable, "-m", "coopt_fast", "extract", str(run), "--participant", name, "--shard", str(shard),
-               "--prior", prior, "--seed", str(seed), "--quiet", "--json"]
+               "--prior", prior, "--seed", str(seed), "--device", device, "--workers", "1", "--quiet", "--json"]
         log = open(log_dir / f"extract-{name}.log", "w")
         procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     failed = []
@@ -59,11 +106,18 @@ def _extract_in_parallel(run: Path, jobs: list[tuple[str, int, str, int]], log_d
 
 
 def demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    from .evaluate import probe
+    from .ssl import pretrain
+    from .student import train
+
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     run, ckpts, logs = out / "run", out / "checkpoints", out / "logs"
     for d in (ckpts, logs):
         d.mkdir(parents=True, exist_ok=True)
+    if run.exists():  # a demo run starts from a fresh plan; prior checkpoints stay cached
+        import shutil
+
+        shutil.rmtree(run)
     seconds: dict[str, float] = {}
 
     def timed(step, fn, *a, **kw):
@@ -72,22 +126,33 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
         seconds[step] = round(time.perf_counter() - t0, 2)
         return r
 
-    priors = _priors(cfg, ckpts)
-    if len(priors) < cfg.participants:
-        raise CooptError(f"the demo has {len(priors)} prior kinds; --participants must be <= that")
-    timed("split", split, cfg.dataset, run, participants=cfg.participants, shared_fraction=cfg.shared_fraction,
+    specs = _prior_specs(cfg, ckpts, timed)
+    timed("split", split, "fashion-mnist", run, participants=cfg.participants, shared_fraction=cfg.shared_fraction,
           seed=cfg.seed, limit=cfg.limit)
-    timed("extract", _extract_in_parallel, run, [(nm, k, p, sd) for k, (nm, p, sd) in enumerate(priors)], logs)
+    timed("extract", _extract_in_parallel, run, [(nm, k, p, sd) for k, (nm, p, sd) in enumerate(specs)], logs, cfg.device)
     timed("score", score, run)
     al = timed("align", align, run, dim=cfg.dim, progress=progress)
     timed("merge", merge, run, progress=progress)
     ins = timed("inspect", inspect, run)
+    st = timed("train student", train, run, student=cfg.arch, epochs=cfg.student_epochs, out=out / "student",
+               batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=progress)
+    coopt_seconds = sum(seconds[k] for k in ("extract", "score", "align", "merge", "train student"))
+    bl = timed("train BYOL baseline", pretrain, "fashion-mnist", method="byol", arch=cfg.arch, epochs=1000,
+               out=out / "baseline" / "byol.safetensors", limit=cfg.limit, max_seconds=coopt_seconds,
+               batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=progress)
+    probe_kw = dict(limit_train=cfg.probe_train, limit_test=cfg.probe_test, device=cfg.device, progress=progress)
+    p_st = timed("probe student", probe, st["checkpoint"], "fashion-mnist", "fashion-mnist:test", **probe_kw)
+    p_bl = timed("probe baseline", probe, bl["checkpoint"], "fashion-mnist", "fashion-mnist:test", **probe_kw)
     summary = {
-        "config": asdict(cfg),
         "participants": ins["participants"],
         "reference": al["reference"],
         "inconsistency": ins["inconsistency"],
+        "student": {"probe_accuracy": p_st["probe_accuracy"], "knn_accuracy": p_st["knn_accuracy"],
+                    "seconds": round(coopt_seconds, 2), "epochs": st["epochs"]},
+        "baseline": {"method": "byol", "probe_accuracy": p_bl["probe_accuracy"], "knn_accuracy": p_bl["knn_accuracy"],
+                     "seconds": round(bl["seconds"], 2), "epochs": bl["epochs"], "steps": bl["steps"]},
         "seconds": seconds,
+        "config": asdict(cfg),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
