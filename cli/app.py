@@ -22,6 +22,17 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _quiet_disk_full(unraisable, _default=sys.unraisablehook):
+    """After a failed write h5py's objects fail again as they are garbage-collected ("Exception
+    ignored in ObjectID.__dealloc__"); the one-line DiskFullError already said it all."""
+    if unraisable.exc_value is not None and is_disk_full(unraisable.exc_value):
+        return
+    _default(unraisable)
+
+
+sys.unraisablehook = _quiet_disk_full
+
+
 def command(fn):
     """Register `fn` as a command; a CooptError becomes one line on stderr and exit code 2."""
 

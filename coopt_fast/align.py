@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import codec, store
-from .errors import CooptError
+from .errors import CooptError, DiskFullError, disk_guard
 from .extract import check_name, participant_dir
 from .plan import load_plan
 from .progress import bar
@@ -130,6 +130,8 @@ def align(
         with store.open_complete(fpath, "features") as f:
             fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
             ok = torch.from_numpy(~np.isin(f["shared/index"][:], f["shared/skipped"][:]))  # decoded rows of S
+            if not torch.isfinite(fs).all():
+                raise CooptError(f"{fpath}: shared/features has NaN or Inf values")
             meta = {k: f.attrs[k] for k in ("prior", "uniformity", "feature_dim")}
         seed = projection_seed(plan["seed"], name)
         w = projection(fs.shape[1], dim, seed)
@@ -153,7 +155,8 @@ def align(
     with contextlib.ExitStack() as locks:  # one writer per aligned.h5
         for nm in fits:
             locks.enter_context(store.Lock(participant_dir(run, nm) / "aligned.h5"))
-        _apply_all(run, fits, ref, dim, target_dtype, progress, align_apply)
+        with disk_guard(run / "participants"):
+            _apply_all(run, fits, ref, dim, target_dtype, progress, align_apply)
     for nm in fits:
         store.write_manifest(participant_dir(run, nm), "aligned.h5")
     rows = [
@@ -218,7 +221,10 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
                 xs, maps = [], []
                 for nm in live:
                     s = store.rows_done(outs[nm][1])
-                    xs.append(torch.from_numpy(srcs[nm]["shard/features"][s : s + APPLY_BLOCK_ROWS]))
+                    x = torch.from_numpy(srcs[nm]["shard/features"][s : s + APPLY_BLOCK_ROWS])
+                    if not torch.isfinite(x).all():
+                        raise CooptError(f"{srcs[nm].filename}: shard/features has NaN or Inf values (rows {s}..)")
+                    xs.append(x)
                     maps.append(fits[nm]["map"])
                 ys, sums, sumsqs = align_apply(xs, maps, out_dtype=codec.kernel_dtype(td))
                 for g, nm in enumerate(live):
@@ -260,6 +266,13 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
                 f.attrs["clipped"] = int(run_stats[-1])
             store.publish(f, path)
         outs.clear()
+    except CooptError as e:  # bad input (not a full disk): keep no partial output
+        for f, _, path in outs.values():
+            store.abandon(f)
+            if not isinstance(e, DiskFullError):
+                store.partial_path(path).unlink(missing_ok=True)
+        outs.clear()
+        raise
     finally:
         for f, _, _ in outs.values():
             store.abandon(f)

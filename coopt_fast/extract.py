@@ -24,6 +24,7 @@ self-contained, checksummed file) and removes the parts.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -37,7 +38,7 @@ import torch
 
 from . import store
 from .decode import batches, choose_decoder
-from .errors import CooptError
+from .errors import CooptError, DiskFullError
 from .plan import load_plan, plan_dataset, shard_indices
 from .priors import Prior, load_prior
 from .progress import bar
@@ -156,6 +157,8 @@ def extract(
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dec = "none" if p.model is None else choose_decoder(decoder, ds, dev, p.input_size)
+    if workers is not None and workers < 1:
+        raise CooptError(f"--workers must be >= 1, got {workers}")
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
 
     # What must match for old rows to be reused (batch size, threads, decoder workers need not).
@@ -165,6 +168,20 @@ def extract(
         "decoder": dec, "compile": bool(compile), "on_bad_image": on_bad_image,
     }
     rank_part = out.with_name(f"features.rank{rank}.h5") if world > 1 else out
+    created = [d for d in (out.parent.parent, out.parent) if not d.exists()]
+    try:
+        return _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image,
+                       workers, participant, rank, world, progress)
+    except CooptError as e:
+        if not isinstance(e, DiskFullError):  # bad input: leave the run folder as it was
+            for d in reversed(created):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        raise
+
+
+def _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image, workers,
+            participant, rank, world, progress) -> dict:
     with store.Lock(rank_part):  # one writer per file; a kill -9'd writer's lock is stale
         summary = None
         if out.exists():
@@ -249,6 +266,11 @@ def _extract_part(path, identity, rows, p, ds, runner, dec, bs, dev, on_bad, wor
             finally:
                 writer.close()
         f.close()
+    except CooptError as e:
+        store.abandon(f)
+        if not isinstance(e, DiskFullError):  # a bad image: no rerun will get past it, keep nothing
+            store.partial_path(path).unlink(missing_ok=True)
+        raise
     except BaseException:
         store.abandon(f)
         raise

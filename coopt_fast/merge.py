@@ -23,7 +23,7 @@ import torch
 
 from . import codec, store
 from .align import participants as list_participants
-from .errors import CooptError
+from .errors import CooptError, disk_guard
 from .extract import participant_dir
 from .plan import load_plan, plan_dataset
 from .priors import file_sha256
@@ -152,8 +152,13 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
         f.create_dataset("target_std", data=std.astype(np.float32))
 
     out = run / "merged.h5"
+    # The store's size is known exactly: refuse up front rather than fail half-way (HDF5 then
+    # also fails to close the file, noisily).
+    need = len(index) * (codec.bytes_per_row(td, dim) + 10 + (ds.images[:1].nbytes if hold_images else 0)) + (1 << 20)
+    store.check_room(out, need)
     with store.Lock(out):
-        _write(out, fill, ups, plan, row_of, index, ds.images if hold_images else None, progress)
+        with disk_guard(out):
+            _write(out, fill, ups, plan, row_of, index, ds.images if hold_images else None, progress)
     return {
         "path": str(run / "merged.h5"), "rows": int(len(index)), "dim": int(dim), "participants": [u["name"] for u in ups],
         "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images), "target_dtype": td,

@@ -98,7 +98,34 @@ def load_plan(run: str | Path) -> dict:
         raise CooptError(f"{path}: not valid JSON ({e})") from None
     if plan.get("plan_version") != PLAN_VERSION:
         raise CooptError(f"{path}: plan_version {plan.get('plan_version')}, expected {PLAN_VERSION}")
+    _check_plan(path, plan)
     return plan
+
+
+def _check_plan(path: Path, plan: dict) -> None:
+    """A hand-edited or damaged plan must not reach numpy indexing (which wraps negatives)."""
+    try:
+        n = int(plan["fingerprint"]["n"])
+        shards = [np.asarray(s, dtype=np.int64) for s in plan["shards"]]
+        shared = np.asarray(plan["shared"], dtype=np.int64)
+        k = int(plan["participants"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CooptError(f"{path}: malformed plan ({e})") from None
+    if len(shards) != k:
+        raise CooptError(f"{path}: shards: {len(shards)} listed for {k} participants")
+    empty = [i for i, sh in enumerate(shards) if len(sh) == 0]
+    if empty:
+        raise CooptError(f"{path}: shard {empty[0]} is empty")
+    for name, idx in [(f"shards[{i}]", s) for i, s in enumerate(shards)] + [("shared", shared)]:
+        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
+            raise CooptError(f"{path}: {name}: indices out of range [0, {n})")
+        if len(np.unique(idx)) != len(idx):
+            raise CooptError(f"{path}: {name}: duplicate indices")
+    covered = np.concatenate(shards) if shards else np.empty(0, np.int64)
+    if len(covered) != n or len(np.unique(covered)) != n:
+        raise CooptError(f"{path}: shards: must partition all {n} samples exactly once")
+    if len(shared) < 1:
+        raise CooptError(f"{path}: shared: the shared set is empty")
 
 
 def plan_dataset(plan: dict, verify: bool = True) -> Dataset:

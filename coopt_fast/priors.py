@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import CooptError
+from .errors import CooptError, disk_guard
 
 # Defaults when a checkpoint records no preprocessing. ImageNet statistics for the torchvision
 # architectures (what their published weights expect); a symmetric 0.5/0.5 for convnet.
@@ -137,12 +137,17 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    try:
+        with disk_guard(path):
+            if path.suffix == ".safetensors":
+                from safetensors.torch import save_file
 
-        save_file(state, str(tmp), metadata={"coopt": json.dumps(meta)})
-    else:
-        torch.save({"state_dict": state, "meta": meta}, tmp)
+                save_file(state, str(tmp), metadata={"coopt": json.dumps(meta)})
+            else:
+                torch.save({"state_dict": state, "meta": meta}, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 

@@ -42,7 +42,7 @@ from .loader import epoch_permutation, read_images
 from .priors import build_backbone, save_checkpoint
 from .store import VERSION
 from .student import (autocast, check_resume, default_input_size, default_norm, fit, load_state, lr_factor,
-                      maybe_compile, param_groups, resolve_device, rng_state, save_state, write_log)
+                      maybe_compile, param_groups, resolve_device, rng_state, save_state, write_log, check_budget)
 
 METHODS = ("supervised", "byol", "simclr")
 
@@ -143,6 +143,7 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
     cfg = PretrainConfig(dataset=dataset, method=method, arch=arch, epochs=epochs, out=str(out), **kwargs)
     if cfg.method not in METHODS:
         raise CooptError(f"unknown method {cfg.method!r} (use {', '.join(METHODS)})")
+    check_budget(cfg)
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
         raise CooptError("epochs must be >= 1, batch size >= 2 and lr > 0")
     if not 0 < cfg.labeled_fraction <= 1:

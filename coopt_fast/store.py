@@ -217,6 +217,18 @@ def memmap(path: Path, name: str, mode: str = "r") -> np.memmap:
         return memmap_dataset(path, f[name], mode)
 
 
+def check_room(path: Path, need: int) -> None:
+    """DiskFullError unless `need` bytes fit on path's file system and under the file size limit."""
+    import resource
+    import shutil
+
+    free = shutil.disk_usage(path.parent).free
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    room = min(free, limit) if limit != resource.RLIM_INFINITY else free
+    if need > room:
+        raise DiskFullError(f"{path}: disk full: needs {need / 2**20:.1f} MiB, only {room / 2**20:.1f} MiB of disk or file size limit left")
+
+
 def _proc_start(pid: int) -> str:
     """Process start time (Linux /proc), so a recycled pid is not mistaken for the writer."""
     try:

@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import augment
-from .errors import CooptError
+from .errors import CooptError, disk_guard
 from .loader import StoreLoader, resolve_store
 from .priors import CONVNET_MEAN, CONVNET_STD, DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_checkpoint
 from .progress import bar
@@ -107,9 +107,21 @@ def lr_factor(progress: float, warmup: float = WARMUP_FRACTION) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
 
 
+def check_budget(cfg) -> None:
+    """Options shared by train and pretrain that, when set, must be positive."""
+    for flag, v in (("--input-size", cfg.input_size), ("--max-steps", cfg.max_steps), ("--max-seconds", cfg.max_seconds)):
+        if v is not None and v <= 0:
+            raise CooptError(f"{flag} must be > 0, got {v}")
+
+
 def save_state(path: Path, state: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    try:
+        with disk_guard(path):
+            torch.save(state, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)  # atomic: a crash leaves the previous epoch's state
 
 
@@ -168,6 +180,9 @@ def fit(*, what: str, epochs: int, steps_per_epoch: int, batch_size: int,
                 part["samples"] += batch_size
                 if window == sync_every or loop["batch"] == steps_per_epoch:
                     v = acc.item()  # the only host sync: every sync_every steps
+                    if not math.isfinite(v):
+                        raise CooptError(f"{what}: loss became {v} at step {loop['step']} (non-finite inputs or "
+                                         "targets, or a learning rate too high); nothing more was saved")
                     part["loss"] += v
                     part["steps"] += window
                     loop["trace"].append([loop["step"], v / window])
@@ -270,8 +285,13 @@ class TrainConfig:
 def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwargs) -> dict:
     """Train a student on RUN/merged.h5; returns a summary (see TrainConfig for the options)."""
     cfg = TrainConfig(run=str(run), student=student, epochs=epochs, out=str(out), **kwargs)
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.wd < 0:
-        raise CooptError("epochs and batch size must be >= 1, lr > 0 and wd >= 0")
+    check_budget(cfg)
+    if cfg.epochs < 1:
+        raise CooptError(f"--epochs must be >= 1, got {cfg.epochs}")
+    if cfg.batch_size < 1:
+        raise CooptError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.lr <= 0 or cfg.wd < 0:
+        raise CooptError(f"--lr must be > 0 and --wd >= 0, got lr {cfg.lr}, wd {cfg.wd}")
     dev = resolve_device(cfg.device)
     out_dir = Path(cfg.out)
     store = resolve_store(cfg.run)
