@@ -46,11 +46,15 @@ def dali_available() -> bool:
 
 
 def choose_decoder(decoder: str, ds: Dataset, device: torch.device, input_size: int) -> str:
-    """`auto`: DALI when installed, except for folder images at >= 160 px on the CPU.
+    """`auto`, by bench/results/extract.json (2-core CPU, 2 decode threads each side):
 
-    Measured by bench/bench_extract.py on 2 CPU cores: DALI-CPU wins on raw arrays and small
-    JPEGs; on large JPEGs the decode is libjpeg-turbo either way, and torchvision's workers
-    (one process per core, no GIL) beat DALI's CPU thread pool.
+    * raw arrays on the CPU: torchvision. The torch ops on a uint8 batch (one resize, one
+      normalise) beat DALI's external_source pipeline, whose per-sample feeding and copies
+      cost more than the work itself at 28-32 px (18.2k vs 13.1k img/s decode-only).
+    * JPEG folders on the CPU: DALI (decode-only 1.19x torchvision at 64 px, 1.30x at 224 px).
+    * folders with PNGs: torchvision. DALI 2.4's CPU PNG decoder crashes the process (SIGSEGV)
+      on a PNG with a valid header and a corrupt body, which --on-bad-image cannot catch.
+    * CUDA: DALI (decode on the GPU with `mixed`, no host round trip).
     """
     if decoder not in ("auto", "dali", "torchvision"):
         raise CooptError(f"--decoder {decoder!r}: use dali, torchvision or auto")
@@ -60,7 +64,9 @@ def choose_decoder(decoder: str, ds: Dataset, device: torch.device, input_size: 
         return decoder
     if not dali_available():
         return "torchvision"
-    if ds.files is not None and device.type == "cpu" and input_size >= 160:
+    if device.type == "cuda":
+        return "dali"
+    if ds.files is None or any(p.suffix.lower() == ".png" for p in ds.files):
         return "torchvision"
     return "dali"
 
