@@ -9,6 +9,10 @@ import torch
 
 os.environ.setdefault("COOPT_PROGRESS", "0")
 torch.set_num_threads(2)
+# Without CUDA the Triton kernels are tested in the interpreter; it must be chosen before
+# anything imports triton (whose helpers fix their mode at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FMNIST = Path(os.environ.get("COOPT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 requires_fmnist = pytest.mark.skipif(

@@ -1,0 +1,302 @@
+"""Benchmark uniformity: reference (pdist) vs the blocked torch fallback vs the Triton kernel.
+
+    python bench/bench_uniformity.py                      # default shapes for this machine
+    python bench/bench_uniformity.py --shapes 16384x512 --providers reference,torch --repeats 5
+
+Every (provider, shape) runs in a fresh subprocess, so each one's peak memory is its own:
+  CPU : peak RSS growth while the provider runs, from /proc/self/status. The child builds its
+        input, writes "5" to /proc/self/clear_refs (resets VmHWM to the current RSS), runs,
+        and reports VmHWM - VmRSS(before). Input tensors are excluded; outputs and every
+        temporary are included. (tracemalloc cannot see torch's allocations.)
+  CUDA: torch.cuda.max_memory_allocated() growth over the same window.
+Peak memory is reported over the timed runs (the working set) and over the first, cold run
+(adds one-time costs such as BLAS buffers and thread pools); see measure().
+Times are medians over --repeats runs after one cold run; a provider whose cold run alone
+exceeds --budget seconds is reported from that single run (memory: the cold figure). The speed-up is against the
+reference measured in the same invocation. Useful FLOPs are n(n-1)*l (the i<j half of the
+Gram matrix); the fraction of peak uses H200_BF16_DENSE_TFLOPS and is reported on CUDA only.
+
+Shared with bench_align.py (imported from there): the subprocess runner, machine description
+and the table printer.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# NVIDIA H200 SXM product brief / spec sheet: dense BF16/FP16 tensor-core peak 989 TFLOP/s (the
+# 1,979 figure is with 2:4 sparsity), HBM3e 4.8 TB/s.
+H200_BF16_DENSE_TFLOPS = 989.0
+H200_HBM_TBPS = 4.8
+
+
+# ------------------------------------------------------------------------------ shared machinery
+
+def machine() -> dict:
+    """Where the numbers come from: CPU model and cores, GPU, versions, commit, load, date."""
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    mem_gb = int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))) / 2**20
+
+    def git(*args):
+        r = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git("rev-parse", "HEAD") or "no commit",
+        "git_dirty": bool(git("status", "--porcelain", "--", "kernels", "bench")),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "mem_gb": round(mem_gb, 1),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "loadavg_1min_before": round(os.getloadavg()[0], 2),
+    }
+
+
+def _rss_mb(field: str) -> float:
+    for ln in open("/proc/self/status"):
+        if ln.startswith(field):
+            return int(ln.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(fn, device: str, repeats: int, budget: float) -> dict:
+    """One cold run, then up to `repeats` timed runs within `budget` seconds.
+
+    Peak memory is taken twice: over the cold run (includes one-time costs: BLAS packing
+    buffers, thread pools, code pages) and over the timed runs (the provider's own working set;
+    the parent runs children with glibc's mmap threshold fixed, so memory freed by the cold run
+    goes back to the OS instead of hiding in the heap)."""
+    import torch
+
+    cuda = device == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def reset() -> float:
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated() / 2**20
+        with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM := VmRSS
+            f.write("5")
+        return _rss_mb("VmRSS")
+
+    def peak(base: float) -> float:
+        return round((torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb("VmHWM")) - base, 1)
+
+    base = reset()
+    t0 = time.perf_counter()
+    value = fn()
+    sync()
+    cold = time.perf_counter() - t0
+    cold_peak = peak(base)
+    times, warm_peak = [], None
+    if cold * (repeats + 1) <= budget:
+        base = reset()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        warm_peak = peak(base)
+    return {
+        "median_s": statistics.median(times) if times else cold,
+        "times_s": [round(t, 4) for t in times] or [round(cold, 4)],
+        "cold_s": round(cold, 4),
+        "runs": len(times) or 1,
+        "peak_mem_cold_mb": cold_peak,
+        "peak_mem_mb": warm_peak if warm_peak is not None else cold_peak,
+        "value": value,
+    }
+
+
+def run_child(script: str, spec: dict, timeout: float) -> dict:
+    """Run `script --child SPEC` in a fresh interpreter; it prints one JSON line."""
+    cmd = [sys.executable, script, "--child", json.dumps(spec)]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # see measure()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict], cols: list[tuple[str, str, str]]) -> None:
+    """cols: (key, header, format); missing values print as '-'."""
+    cells = [[h for _, h, _ in cols]]
+    for r in rows:
+        cells.append([("-" if r.get(k) is None else format(r[k], f)) for k, _, f in cols])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    for j, c in enumerate(cells):
+        print("  ".join(s.rjust(w) for s, w in zip(c, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_results(path: str, meta: dict, rows: list[dict], key: tuple[str, ...], append: bool) -> None:
+    """Write {"meta", "results"}; with append, keep earlier rows that this run did not redo
+    (matched on `key`), each tagged with the meta of the run that produced it."""
+    for r in rows:
+        r["run"] = {k: meta[k] for k in ("date", "git_commit", "loadavg_1min_before", "loadavg_1min_after")}
+    old = []
+    if append and Path(path).exists():
+        done = {tuple(str(r.get(k)) for k in key) for r in rows}
+        old = [r for r in json.loads(Path(path).read_text())["results"] if tuple(str(r.get(k)) for k in key) not in done]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"meta": meta, "results": old + rows}, indent=1) + "\n")
+    print(f"wrote {path}" + (f" (kept {len(old)} earlier rows)" if old else ""))
+
+
+def wait_quiet(seconds: float, below: float = 1.0) -> None:
+    """Wait (up to `seconds`) for the 1-minute load average to drop below `below`: on a shared
+    2-core machine another job halves throughput and turns every OpenMP barrier into a
+    scheduler quantum. The load before and after is recorded either way."""
+    end = time.time() + seconds
+    while os.getloadavg()[0] >= below and time.time() < end:
+        time.sleep(5)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------ uniformity
+
+def _child(spec: dict) -> None:
+    import torch
+
+    from coopt_fast.kernels.reference import uniformity_ref
+    from coopt_fast.kernels.torch_ops import uniformity_torch
+    from coopt_fast.kernels.uniformity import uniformity_triton
+
+    fn = {"reference": uniformity_ref, "torch": uniformity_torch, "triton": uniformity_triton}[spec["provider"]]
+    torch.manual_seed(0)
+    x = torch.randn(spec["n"], spec["l"], device=spec["device"]).add_(0.1).to(getattr(torch, spec["dtype"]))
+    print(json.dumps(measure(lambda: float(fn(x, spec["t"])), spec["device"], spec["repeats"], spec["budget"])))
+
+
+def reference_fits(n: int, device: str) -> tuple[bool, str]:
+    """pdist holds n(n-1)/2 fp32 distances, and .pow/.mul/.exp each allocate another: >= 2 live."""
+    need = 2 * 4 * n * (n - 1) / 2
+    if device == "cuda":
+        import torch
+
+        have = torch.cuda.mem_get_info()[0]
+    else:
+        have = int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemAvailable"))) * 1024
+    note = f"reference needs 2 x n(n-1)/2 fp32 = {need / 2**30:.1f} GiB, {have / 2**30:.1f} GiB available"
+    return need < 0.8 * have, note
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--shapes", help="comma-separated NxL, e.g. 16384x512,200000x512 (default: per device)")
+    ap.add_argument("--dtype", default=None, help="float32|float16|bfloat16 (default: float32 CPU, bfloat16 CUDA)")
+    ap.add_argument("--providers", default=None, help="reference,torch,triton (default: what the device runs)")
+    ap.add_argument("--t", type=float, default=2.0)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=60.0, help="seconds per measurement before repeats stop")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
+    ap.add_argument("--wait-quiet", type=float, default=0.0, help="wait up to this many seconds for load < 1")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/uniformity.json"))
+    ap.add_argument("--append", action="store_true", help="keep rows of --out that this run does not redo")
+    args = ap.parse_args()
+    if args.child:
+        return _child(json.loads(args.child))
+
+    cuda = cuda_available()
+    device = "cuda" if cuda else "cpu"
+    # CPU default ~5 min on 2 quiet cores; 200000x128 shows the n the reference cannot allocate
+    # (add --shapes 200000x512 --append for the full width: ~2.5 min more when quiet)
+    shapes = args.shapes or ("131072x512,1048576x2048" if cuda else "4096x512,16384x512,200000x128")
+    dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    providers = (args.providers or ("reference,torch,triton" if cuda else "reference,torch")).split(",")
+    wait_quiet(args.wait_quiet)
+    meta = machine()
+    rows = []
+    for shp in shapes.split(","):
+        n, l = (int(v) for v in shp.lower().split("x"))
+        ref_row = None
+        for prov in providers:
+            row = {"shape": f"{n}x{l}", "n": n, "l": l, "dtype": dtype, "t": args.t, "provider": prov, "device": device}
+            if prov == "reference":
+                fits, note = reference_fits(n, device)
+                if not fits:
+                    rows.append({**row, "note": "skipped: " + note})
+                    print(f"{shp} reference skipped: {note}", flush=True)
+                    continue
+            if prov == "triton" and not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+                continue
+            if prov == "torch" and cuda and n > 300_000:
+                rows.append({**row, "note": "skipped: the fp32 torch fallback would take minutes on a GPU"})
+                continue
+            spec = {**row, "repeats": args.repeats, "budget": args.budget}
+            res = run_child(__file__, spec, args.timeout)
+            row.update(res)
+            if "median_s" in res:
+                row["tflops"] = n * (n - 1) * l / res["median_s"] / 1e12
+                if cuda:
+                    row["frac_peak"] = row["tflops"] / H200_BF16_DENSE_TFLOPS
+                if prov == "reference":
+                    ref_row = row
+                elif ref_row is not None and "median_s" in ref_row:
+                    row["speedup_vs_ref"] = ref_row["median_s"] / res["median_s"]
+                    # cold vs cold: the only figure every row has (a long reference run is a single cold run)
+                    row["mem_frac_of_ref"] = res["peak_mem_cold_mb"] / max(ref_row["peak_mem_cold_mb"], 1e-9)
+                    row["abs_diff_vs_ref"] = abs(res["value"] - ref_row["value"])
+            rows.append(row)
+            print(f"{shp} {prov}: {res}", flush=True)
+    meta["loadavg_1min_after"] = round(os.getloadavg()[0], 2)
+    print(f"\nuniformity, {meta['gpu'] or meta['cpu']} ({meta['cpu_cores']} cores), torch {meta['torch']}, "
+          f"load {meta['loadavg_1min_before']} -> {meta['loadavg_1min_after']}")
+    print_table(rows, [("shape", "n x l", "s"), ("dtype", "dtype", "s"), ("provider", "provider", "s"),
+                       ("median_s", "median s", ".3f"), ("runs", "runs", "d"), ("tflops", "TFLOP/s", ".3f"),
+                       ("frac_peak", "of peak", ".1%"), ("peak_mem_mb", "peak MiB", ".1f"),
+                       ("peak_mem_cold_mb", "cold MiB", ".1f"),
+                       ("speedup_vs_ref", "x ref", ".2f"), ("mem_frac_of_ref", "cold mem/ref", ".1%"),
+                       ("value", "U", ".6f")])
+    for r in rows:
+        if r.get("note") or r.get("error"):
+            print(f"  {r['shape']} {r['provider']}: {r.get('note') or ''} {r.get('error') or ''}".rstrip())
+    meta["method"] = {
+        "peak_memory": "CPU: VmHWM growth after clear_refs=5 (glibc mmap threshold fixed at 64 KiB), input "
+                       "excluded; CUDA: max_memory_allocated growth. peak_mem_mb: over the timed runs "
+                       "(cold run if it was the only one); peak_mem_cold_mb: over the first run",
+        "time": f"median of up to {args.repeats} runs after 1 cold run, each provider in its own subprocess",
+        "useful_flops": "n(n-1)*l",
+        "peak_tflops": f"H200 dense BF16 {H200_BF16_DENSE_TFLOPS} (spec sheet), CUDA rows only",
+    }
+    write_results(args.out, meta, rows, ("shape", "dtype", "t", "provider", "device"), args.append)
+
+
+if __name__ == "__main__":
+    main()
