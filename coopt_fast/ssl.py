@@ -41,8 +41,9 @@ from .errors import CooptError
 from .loader import epoch_permutation, read_images
 from .priors import build_backbone, save_checkpoint
 from .store import VERSION
-from .student import (autocast, check_resume, default_input_size, default_norm, fit, load_state, lr_factor,
-                      maybe_compile, param_groups, resolve_device, rng_state, save_state, write_log, check_budget)
+from .student import (autocast, default_input_size, default_norm, fit, lr_factor,
+                      maybe_compile, param_groups, resolve_device, resume, rng_state, save_state, write_log,
+                      check_budget)
 
 METHODS = ("supervised", "byol", "simclr")
 
@@ -192,14 +193,8 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
                 "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "proj_hidden": cfg.proj_hidden,
                 "proj_dim": cfg.proj_dim}
     state_path, log_path = Path(str(out) + ".state.pt"), Path(str(out) + ".log.jsonl")
-    loop, resumed = None, False
-    if cfg.resume and state_path.exists():
-        st = load_state(state_path)
-        check_resume(state_path, st["identity"], identity)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        gen.set_state(st["aug_rng"])
-        loop, resumed = st["loop"], True
+    loop = resume(state_path, identity, model, opt, gen) if cfg.resume else None
+    resumed = loop is not None
     meta = {"arch": cfg.arch, "input_size": size, "mean": list(mean), "std": list(std), "method": cfg.method,
             "epochs_planned": cfg.epochs, "data": cfg.dataset, "limit": cfg.limit, "seed": cfg.seed,
             "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "batch_size": bs, "lr": cfg.lr,

@@ -139,6 +139,18 @@ def check_resume(path: Path, saved: dict, current: dict) -> None:
         raise CooptError(f"{path}: cannot resume, settings differ ({'; '.join(diff)}); drop --resume to start over")
 
 
+def resume(state_path: Path, identity: dict, model: nn.Module, opt, gen: torch.Generator) -> dict | None:
+    """Restore model, optimizer and augmentation RNG from state_path; the saved loop, or None."""
+    if not state_path.exists():
+        return None
+    st = load_state(state_path)
+    check_resume(state_path, st["identity"], identity)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    gen.set_state(st["aug_rng"])
+    return st["loop"]
+
+
 def rng_state(g: torch.Generator) -> torch.Tensor:
     return g.get_state().cpu()
 
@@ -315,14 +327,8 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
     identity = {"student": cfg.student, "batch_size": cfg.batch_size, "seed": cfg.seed, "input_size": size,
                 "lr": cfg.lr, "wd": cfg.wd, "rows": loader.n, "target_dim": loader.dim}
     state_path, ckpt_path = out_dir / "state.pt", out_dir / "student.pt"
-    loop, resumed = None, False
-    if cfg.resume and state_path.exists():
-        st = load_state(state_path)
-        check_resume(state_path, st["identity"], identity)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        gen.set_state(st["aug_rng"])
-        loop, resumed = st["loop"], True
+    loop = resume(state_path, identity, model, opt, gen) if cfg.resume else None
+    resumed = loop is not None
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"arch": cfg.student, "input_size": size, "mean": list(mean), "std": list(std),
             "method": "coopt-student", "data": loader.attrs.get("dataset", ""), "store": str(store),

@@ -92,7 +92,6 @@ def test_local_mode_equals_all_at_once(tmp_path, small_run):
 
 
 def test_merged_store_layout(small_run):
-    plan = load_plan(small_run)
     with store.open_complete(small_run / "merged.h5", "merged") as f:
         assert f["targets"].chunks is None and f["targets"].compression is None
         assert f["index"][:].tolist() == list(range(2000))

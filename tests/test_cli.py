@@ -1,6 +1,5 @@
 """The data-side commands through Typer's CliRunner: exit codes, --json, one-line errors."""
 import json
-import shutil
 
 import pytest
 from typer.testing import CliRunner
