@@ -1,0 +1,340 @@
+"""Benchmark StoreLoader: shuffled batches from the merged store vs the alternatives.
+
+    python bench/bench_loader.py                 # N = 1,000,000 rows (1.8 GB store under bench/scratch/)
+    python bench/bench_loader.py --rows 300000   # smaller
+
+Store: the merged format (format_version 1, complete, targets float16 [N, 512] and images uint8
+[N, 28, 28, 1] contiguous, index, participant, target_mean/std), written the way merge._write does:
+h5py layout (store.create_contiguous) then the bulk bytes through np.memmap. Write GB/s covers
+layout + memmap writes + flush (msync) + publish; the synthetic rows are generated outside it.
+
+Providers, shuffled (epoch_permutation(N, seed=0, epoch)), fields images + targets:
+  storeloader  coopt_fast.loader.StoreLoader, device cpu, a whole epoch
+  memmap       the limit: np.memmap row gathers of the same bytes in the same permutation (precomputed)
+  h5py         h5py fancy indexing per batch with the batch's indices sorted (--h5py-batches batches)
+  persample    torch DataLoader (num_workers=0) over a Dataset whose __getitem__ reads one row
+               of each field through h5py (--persample-batches batches)
+Times: one warm-up, then --repeats rounds (providers interleaved), medians. The store fits in RAM
+(page cache) after the first pass, so these are warm-cache numbers; a cold-ish pass (file evicted
+with posix_fadvise(DONTNEED) after fsync) is reported separately for StoreLoader and sequential read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from coopt_fast import store  # noqa: E402
+from coopt_fast.loader import StoreLoader, epoch_permutation  # noqa: E402
+
+DIM, IMG = 512, (28, 28, 1)
+ROW_BYTES = DIM * 2 + int(np.prod(IMG))
+BLOCK = 65536
+
+
+def evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def write_store(path: Path, n: int) -> dict:
+    rng = np.random.default_rng(0)
+    # Synthetic blocks generated once, outside the timing; each block is made distinct by a row stamp.
+    tg_block = rng.standard_normal((BLOCK, DIM), dtype=np.float32).astype(np.float16)
+    im_block = rng.integers(0, 256, (BLOCK,) + IMG, dtype=np.uint8)
+    part = store.partial_path(path)
+    path.unlink(missing_ok=True)
+    part.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with h5py.File(part, "w") as f:
+        for k, v in store.provenance(participants=json.dumps(["a", "b"]), dataset="synthetic", limit=-1,
+                                     dim=DIM, target_dtype="float16").items():
+            f.attrs[k] = v
+        store.create_contiguous(f, "targets", (n, DIM), np.float16)
+        store.create_contiguous(f, "images", (n,) + IMG, np.uint8)
+        f.create_dataset("index", data=np.arange(n, dtype=np.int64))
+        f.create_dataset("participant", data=(np.arange(n) % 2).astype(np.int16))
+        f.create_dataset("target_mean", data=np.zeros(DIM, np.float32))
+        f.create_dataset("target_std", data=np.ones(DIM, np.float32))
+    t_layout = time.perf_counter() - t0
+    tg = store.memmap(part, "targets", mode="r+")
+    for b in range(0, n, BLOCK):
+        m = min(BLOCK, n - b)
+        tg[b : b + m] = tg_block[:m]
+        tg[b : b + m, 0] = np.arange(b, b + m) % 2048  # row stamp (exact in fp16)
+    tg.flush()
+    del tg
+    im = store.memmap(part, "images", mode="r+")
+    for b in range(0, n, BLOCK):
+        m = min(BLOCK, n - b)
+        im[b : b + m] = im_block[:m]
+        im[b : b + m, 0, 0, 0] = (np.arange(b, b + m) % 256).astype(np.uint8)
+    im.flush()
+    del im
+    store.publish(h5py.File(part, "r+"), path)
+    t_total = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    evict(path)  # fsync: the bytes reach the disk
+    t_fsync = time.perf_counter() - t1
+    gb = n * ROW_BYTES / 1e9
+    return {"bytes": n * ROW_BYTES, "file_bytes": path.stat().st_size, "layout_s": t_layout, "seconds": t_total,
+            "gb_per_s": gb / t_total, "fsync_s": t_fsync, "gb_per_s_incl_fsync": gb / (t_total + t_fsync)}
+
+
+def seq_read(path: Path) -> float:
+    """Seconds to read both datasets front to back (through the memmap, copying blocks out)."""
+    with h5py.File(path, "r") as f:
+        arrs = [store.memmap_dataset(path, f[k]) for k in ("targets", "images")]
+    t0 = time.perf_counter()
+    s = 0
+    for a in arrs:
+        for b in range(0, a.shape[0], BLOCK):
+            s += int(np.array(a[b : b + BLOCK]).view(np.uint8)[::4096].sum())
+    return time.perf_counter() - t0
+
+
+# ---- providers: each returns (rows, seconds) ----
+
+def run_storeloader(ld, epoch, max_batches=None, max_s=None):
+    """Iteration only: the loader is built outside the timing (its init is timed separately)."""
+    ld.set_epoch(epoch)
+    rows, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(ld):
+        rows += batch["targets"].shape[0]
+        if (max_batches and i + 1 >= max_batches) or (max_s and time.perf_counter() - t0 > max_s):
+            break
+    return rows, time.perf_counter() - t0
+
+
+def run_memmap(arrs, order, bs, max_batches=None):
+    tg, im = arrs
+    nb = -(-len(order) // bs)
+    if max_batches:
+        nb = min(nb, max_batches)
+    rows, t0 = 0, time.perf_counter()
+    for b in range(nb):
+        r = order[b * bs : (b + 1) * bs]
+        t, i = tg[r], im[r]
+        rows += len(t)
+    return rows, time.perf_counter() - t0
+
+
+def run_h5py(path, order, bs, nb):
+    with h5py.File(path, "r") as f:
+        tg, im = f["targets"], f["images"]
+        rows, t0 = 0, time.perf_counter()
+        for b in range(nb):
+            r = np.sort(order[b * bs : (b + 1) * bs])
+            t = torch.from_numpy(tg[r])
+            i = torch.from_numpy(im[r])
+            rows += len(t)
+        return rows, time.perf_counter() - t0
+
+
+class H5Dataset(torch.utils.data.Dataset):
+    def __init__(self, path):
+        self.path, self.f = path, None
+        with h5py.File(path, "r") as f:
+            self.n = f["targets"].shape[0]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if self.f is None:
+            self.f = h5py.File(self.path, "r")
+        return {"images": torch.from_numpy(self.f["images"][i]), "targets": torch.from_numpy(self.f["targets"][i])}
+
+
+def run_persample(ds, order, bs, nb):
+    dl = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=order[: nb * bs].tolist(), num_workers=0)
+    rows, t0 = 0, time.perf_counter()
+    for batch in dl:
+        rows += batch["targets"].shape[0]
+    return rows, time.perf_counter() - t0
+
+
+def breakdown(arrs, order, bs, nb=2000):
+    """Per-batch microseconds of StoreLoader's steps (CPU device), measured in isolation."""
+    tg, im = arrs
+    nb = min(nb, len(order) // bs)
+    out = {}
+    t0 = time.perf_counter()
+    for b in range(nb):
+        tg[order[b * bs : (b + 1) * bs]]
+    out["gather_targets_us"] = (time.perf_counter() - t0) / nb * 1e6
+    t0 = time.perf_counter()
+    for b in range(nb):
+        im[order[b * bs : (b + 1) * bs]]
+    out["gather_images_us"] = (time.perf_counter() - t0) / nb * 1e6
+    x, y = tg[order[:bs]], im[order[:bs]]
+    t0 = time.perf_counter()
+    for b in range(nb):
+        torch.from_numpy(x).to("cpu")
+        torch.from_numpy(y).to("cpu")
+    out["from_numpy_to_cpu_us"] = (time.perf_counter() - t0) / nb * 1e6
+    t0 = time.perf_counter()
+    epoch_permutation(len(order), 0, 0)
+    out["randperm_epoch_ms"] = (time.perf_counter() - t0) * 1e3
+    # sorted row indices: does the gather's access order matter?
+    t0 = time.perf_counter()
+    for b in range(nb):
+        r = np.sort(order[b * bs : (b + 1) * bs])
+        tg[r], im[r]
+    out["gather_both_sorted_us"] = (time.perf_counter() - t0) / nb * 1e6
+    # pure-RAM gather (np.ndarray copy of the first rows, not a memmap): page-mapping cost vs memory
+    m = min(len(order), 200_000)
+    tg_ram, im_ram = np.array(tg[:m]), np.array(im[:m])
+    o = order[order < m]
+    nbr = min(nb, len(o) // bs)
+    t0 = time.perf_counter()
+    for b in range(nbr):
+        r = o[b * bs : (b + 1) * bs]
+        tg_ram[r], im_ram[r]
+    out["gather_both_ram_us"] = (time.perf_counter() - t0) / nbr * 1e6
+    try:
+        torch.from_numpy(x).pin_memory()
+        out["pin_memory"] = "available"
+    except Exception as e:  # no CUDA: pinning is not possible (StoreLoader only pins for cuda devices)
+        out["pin_memory"] = f"unavailable: {type(e).__name__}"
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--batch", default="128,1024")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--h5py-batches", type=int, default=100)
+    ap.add_argument("--persample-batches", type=int, default=50)
+    ap.add_argument("--cold-seconds", type=float, default=30.0, help="cap on the cold StoreLoader pass")
+    ap.add_argument("--out", default=str(ROOT / "bench/results/loader.json"))
+    ap.add_argument("--keep", action="store_true", help="keep the scratch store")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    n, sizes = args.rows, [int(b) for b in args.batch.split(",")]
+    scratch = ROOT / "bench/scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    path = scratch / f"loader_{n}.h5"
+    res = {"rows": n, "row_bytes": ROW_BYTES, "dim": DIM, "image_shape": list(IMG), "repeats": args.repeats,
+           "load_start": os.getloadavg()}
+
+    print(f"writing {n:,} rows ({n * ROW_BYTES / 1e9:.2f} GB) to {path} ...", flush=True)
+    res["write"] = w = write_store(path, n)
+    print(f"write: {w['gb_per_s']:.2f} GB/s ({w['seconds']:.1f} s, layout {w['layout_s'] * 1e3:.0f} ms); "
+          f"+fsync {w['fsync_s']:.1f} s -> {w['gb_per_s_incl_fsync']:.2f} GB/s", flush=True)
+
+    # cold-ish passes: file evicted from the page cache after fsync
+    evict(path)
+    t0 = time.perf_counter()
+    ld = StoreLoader(path, 1024)
+    init_cold = time.perf_counter() - t0  # reads all targets once (finite check)
+    evict(path)  # init warmed the targets: evict again so the pass itself is cold
+    rows, s = run_storeloader(ld, 0, max_s=args.cold_seconds)
+    res["cold_storeloader_b1024"] = {"rows": rows, "seconds": s, "rows_per_s": rows / s,
+                                     "gb_per_s": rows * ROW_BYTES / s / 1e9, "init_cold_s": init_cold}
+    print(f"cold StoreLoader b1024: {rows / s:,.0f} rows/s over {rows:,} rows", flush=True)
+    evict(path)
+    s = seq_read(path)
+    res["seq_read_cold"] = {"seconds": s, "gb_per_s": n * ROW_BYTES / s / 1e9}
+    s = statistics.median(seq_read(path) for _ in range(args.repeats))
+    res["seq_read_warm"] = {"seconds": s, "gb_per_s": n * ROW_BYTES / s / 1e9}
+    print(f"sequential read: cold {res['seq_read_cold']['gb_per_s']:.2f} GB/s, warm {res['seq_read_warm']['gb_per_s']:.2f} GB/s", flush=True)
+
+    t0 = time.perf_counter()
+    StoreLoader(path, 128)
+    res["storeloader_init_s"] = time.perf_counter() - t0  # warm; includes the finite check over all targets
+
+    with h5py.File(path, "r") as f:
+        arrs = (store.memmap_dataset(path, f["targets"]), store.memmap_dataset(path, f["images"]))
+    # correctness: StoreLoader's first batch equals memmap gather in the same permutation
+    order0 = epoch_permutation(n, 0, 0).numpy()
+    b0 = next(iter(StoreLoader(path, 128)))
+    assert np.array_equal(b0["targets"].numpy(), arrs[0][order0[:128]]) and np.array_equal(b0["images"].numpy(), arrs[1][order0[:128]])
+
+    ds = H5Dataset(path)
+    res["batches"] = {}
+    for bs in sizes:
+        loader = StoreLoader(path, bs, fields=("images", "targets"), seed=0)
+        nb_h5 = min(args.h5py_batches, n // bs)
+        nb_ps = min(args.persample_batches, n // bs)
+        cases = {
+            "storeloader": lambda e: run_storeloader(loader, e),
+            "memmap": lambda e: run_memmap(arrs, epoch_permutation(n, 0, e).numpy(), bs),
+            "h5py": lambda e: run_h5py(path, epoch_permutation(n, 0, e).numpy(), bs, nb_h5),
+            "persample": lambda e: run_persample(ds, epoch_permutation(n, 0, e).numpy(), bs, nb_ps),
+        }
+        times = {k: [] for k in cases}
+        for rnd in range(args.repeats + 1):  # round 0 = warm-up
+            names = list(cases)
+            names = names[rnd % len(names):] + names[: rnd % len(names)]
+            for k in names:
+                rows, s = cases[k](rnd)
+                if rnd:
+                    times[k].append((rows, s))
+        r = {"load": os.getloadavg(), "h5py_batches": nb_h5, "persample_batches": nb_ps}
+        for k, v in times.items():
+            rps = statistics.median(rows / s for rows, s in v)
+            r[k] = {"rows": v[0][0], "seconds": [s for _, s in v], "rows_per_s": rps, "gb_per_s": rps * ROW_BYTES / 1e9}
+        r["ratio_storeloader_memmap"] = r["storeloader"]["rows_per_s"] / r["memmap"]["rows_per_s"]
+        r["ratio_storeloader_h5py"] = r["storeloader"]["rows_per_s"] / r["h5py"]["rows_per_s"]
+        r["ratio_storeloader_persample"] = r["storeloader"]["rows_per_s"] / r["persample"]["rows_per_s"]
+        r["breakdown"] = breakdown(arrs, order0, bs)
+        res["batches"][str(bs)] = r
+        print(f"batch {bs} done", flush=True)
+
+    res["targets"] = {"storeloader_over_memmap_min": 0.9, "storeloader_over_h5py_min": 50}
+    res["meets"] = {bs: {"memmap": r["ratio_storeloader_memmap"] >= 0.9, "h5py": r["ratio_storeloader_h5py"] >= 50}
+                    for bs, r in res["batches"].items()}
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    res["hardware"] = {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9,
+                       "torch": torch.__version__, "h5py": h5py.__version__, "numpy": np.__version__, "hdf5": h5py.version.hdf5_version}
+    res["date"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    res["commit"] = commit
+    res["load_end"] = os.getloadavg()
+    res["page_cache_note"] = ("the store fits in RAM: every provider after the warm-up reads from the page cache; "
+                              "cold_* numbers come from a pass right after posix_fadvise(DONTNEED)")
+
+    print(f"\n{n:,} rows x {ROW_BYTES} B (512 fp16 + 28x28 uint8); medians of {args.repeats} after a warm-up; warm page cache")
+    print(f"{'batch':>6} {'provider':<12} {'rows/s':>12} {'GB/s':>7} {'StoreLoader/x':>14}")
+    for bs, r in res["batches"].items():
+        for k in ("storeloader", "memmap", "h5py", "persample"):
+            ratio = r["storeloader"]["rows_per_s"] / r[k]["rows_per_s"]
+            print(f"{bs:>6} {k:<12} {r[k]['rows_per_s']:>12,.0f} {r[k]['gb_per_s']:>7.3f} {ratio:>14.2f}")
+        bd = r["breakdown"]
+        print(f"       per batch: gather targets {bd['gather_targets_us']:.0f} us, images {bd['gather_images_us']:.0f} us, "
+              f"from_numpy+to(cpu) {bd['from_numpy_to_cpu_us']:.1f} us, sorted gather {bd['gather_both_sorted_us']:.0f} us, "
+              f"RAM-array gather {bd['gather_both_ram_us']:.0f} us")
+    print(f"write {w['gb_per_s']:.2f} GB/s (incl. fsync {w['gb_per_s_incl_fsync']:.2f}); sequential read cold "
+          f"{res['seq_read_cold']['gb_per_s']:.2f} / warm {res['seq_read_warm']['gb_per_s']:.2f} GB/s; cold StoreLoader b1024 "
+          f"{res['cold_storeloader_b1024']['rows_per_s']:,.0f} rows/s; StoreLoader init (not in rows/s) warm {res['storeloader_init_s']:.2f} s / cold {init_cold:.2f} s; "
+          f"load {res['load_start']} -> {res['load_end']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    if not args.keep:
+        path.unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    main()
