@@ -24,6 +24,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+# Imported here, not in the workers: each forked DataLoader worker importing it lazily cost ~3 s.
+from torchvision.transforms.v2 import functional as TF
 
 from .data import Dataset, read_image_file
 from .errors import CooptError
@@ -50,8 +52,10 @@ def choose_decoder(decoder: str, ds: Dataset, device: torch.device, input_size: 
 
     * raw arrays on the CPU: torchvision. The torch ops on a uint8 batch (one resize, one
       normalise) beat DALI's external_source pipeline, whose per-sample feeding and copies
-      cost more than the work itself at 28-32 px (18.2k vs 13.1k img/s decode-only).
-    * JPEG folders on the CPU: DALI (decode-only 1.19x torchvision at 64 px, 1.30x at 224 px).
+      cost more than the work itself at 28-32 px (20.8k vs 13.8k img/s decode-only; noisy
+      under load, and end-to-end is model-bound either way).
+    * JPEG folders on the CPU: DALI (decode-only 1.24x torchvision at 64 px, 1.29x at 224 px,
+      1.5x when shrinking 224 -> 160 or 112 px).
     * folders with PNGs: torchvision. DALI 2.4's CPU PNG decoder crashes the process (SIGSEGV)
       on a PNG with a valid header and a corrupt body, which --on-bad-image cannot catch.
     * CUDA: DALI (decode on the GPU with `mixed`, no host round trip).
@@ -139,8 +143,6 @@ class _FolderBatchSet(torch.utils.data.Dataset):
         return -(-len(self.rows) // self.bs)
 
     def __getitem__(self, i):
-        from torchvision.transforms.v2 import functional as TF
-
         rows = self.rows[i * self.bs : (i + 1) * self.bs]
         out = torch.zeros(len(rows), 3, self.size, self.size, dtype=torch.uint8)
         bad, errors = [], []
@@ -154,7 +156,8 @@ class _FolderBatchSet(torch.utils.data.Dataset):
             if img.shape[0] == 1:
                 img = img.expand(3, -1, -1)
             out[j] = TF.resize(img, [self.size, self.size], antialias=True)
-        x = (out.float() - self.mean) / self.std
+        # In place: fresh float batches cost ~3x the decode at 224 px (bench_extract).
+        x = out.float().sub_(self.mean).div_(self.std)
         return i * self.bs, x, bad, errors
 
 
@@ -191,7 +194,9 @@ def _dali_pipeline(ds, rows, size, mean, std, bs, device, workers):
             enc, _ = fn.readers.file(files=[str(ds.files[r]) for r in rows], random_shuffle=False,
                                      pad_last_batch=True, name="reader")
             img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
-        img = fn.resize(img, resize_x=size, resize_y=size, antialias=True)
+        if ds.images is None or tuple(ds.images.shape[1:3]) != (size, size):
+            # A same-size resize is an identity that cost ~70% of the CPU pipeline at 224 px.
+            img = fn.resize(img, resize_x=size, resize_y=size, antialias=True)
         return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mean=mean255, std=std255)
 
     p = pipe()
