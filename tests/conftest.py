@@ -20,6 +20,19 @@ requires_fmnist = pytest.mark.skipif(
 )
 
 
+def make_npy(folder: Path, n: int, seed: int = 0, classes: int = 16, hw: int = 8) -> str:
+    """Random uint8 hw x hw images with labels covering every class: an `npy:` data set spec."""
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    np.save(folder / "x.npy", rng.integers(0, 256, size=(n, hw, hw), dtype=np.uint8))
+    y = rng.integers(0, classes, size=n)
+    y[:classes] = np.arange(classes)
+    np.save(folder / "y.npy", y)
+    return f"npy:{folder / 'x.npy'},{folder / 'y.npy'}"
+
+
 @pytest.fixture(scope="session")
 def small_ckpt(tmp_path_factory) -> Path:
     """A random resnet18 checkpoint that asks for 32 px inputs: the ARCH:CKPT path, CPU-cheap."""

@@ -36,6 +36,7 @@ from typer.testing import CliRunner
 import coopt_fast
 from coopt_fast import store
 from coopt_fast.cli import app
+from .conftest import make_npy as _make_npy
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -45,13 +46,7 @@ N, CLASSES, DIM = 400, 4, 8
 # ---- fixtures and the contract -------------------------------------------------------------
 
 def make_npy(folder: Path, n: int = N, seed: int = 0, classes: int = CLASSES, hw: int = 8) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    np.save(folder / "x.npy", rng.integers(0, 256, size=(n, hw, hw), dtype=np.uint8))
-    y = rng.integers(0, classes, size=n)
-    y[:classes] = np.arange(classes)
-    np.save(folder / "y.npy", y)
-    return f"npy:{folder / 'x.npy'},{folder / 'y.npy'}"
+    return _make_npy(folder, n, seed, classes, hw)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ import coopt_fast
 from coopt_fast import store
 from coopt_fast.cli import app
 from coopt_fast.priors import file_sha256, read_checkpoint
+from .conftest import make_npy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,21 +68,11 @@ def test_killed_and_rerun_equals_uninterrupted(campaign, command):
 
 # ---- small runs for the in-process interruptions -------------------------------------------
 
-def _npy(folder: Path, n: int, hw: int = 8, classes: int = 16) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    np.save(folder / "x.npy", rng.integers(0, 256, size=(n, hw, hw), dtype=np.uint8))
-    y = rng.integers(0, classes, size=n)
-    y[:classes] = np.arange(classes)
-    np.save(folder / "y.npy", y)
-    return f"npy:{folder / 'x.npy'},{folder / 'y.npy'}"
-
-
 @pytest.fixture(scope="module")
 def planned(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("planned")
     run = root / "run"
-    coopt_fast.split(_npy(root / "data", 3000), run, participants=2, shared_fraction=0.05, seed=0)
+    coopt_fast.split(make_npy(root / "data", 3000), run, participants=2, shared_fraction=0.05, seed=0)
     return run
 
 
@@ -295,7 +286,7 @@ def test_merge_interrupted_leaves_nothing(aligned_ref, tmp_path, monkeypatch):
 def student_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("student-store")
     run = root / "run"
-    coopt_fast.split(_npy(root / "data", 64, hw=16, classes=4), run, participants=2, shared_fraction=0.25)
+    coopt_fast.split(make_npy(root / "data", 64, hw=16, classes=4), run, participants=2, shared_fraction=0.25)
     for k, name in enumerate(("a", "b")):
         coopt_fast.extract(run, name, k, "labels", progress=False)
     coopt_fast.align(run, dim=16, progress=False)
