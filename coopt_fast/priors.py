@@ -1,7 +1,8 @@
 """Prior models: architectures, checkpoints, preprocessing, and the `labels` prior.
 
 A prior SPEC is `ARCH`, `ARCH:CHECKPOINT` or `labels`:
-  ARCH        convnet (small CNN for 28-32 px images on a CPU) or a torchvision classification
+  ARCH        convnet (small CNN for 28-32 px images on a CPU), linear (trivial: for measuring
+              the pipeline around a model, and smoke tests) or a torchvision classification
               architecture (resnet18, resnet50, mobilenet_v2, efficientnet_b0, vit_b_16, swin_v2_t, ...)
   CHECKPOINT  local .pt/.pth (loaded with torch.load(weights_only=True): tensors and plain
               containers only, never arbitrary pickles) or .safetensors (recommended)
@@ -35,7 +36,8 @@ from .errors import CooptError, disk_guard
 # architectures (what their published weights expect); a symmetric 0.5/0.5 for convnet.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CONVNET_MEAN, CONVNET_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-DEFAULT_INPUT_SIZE = {"convnet": 32, "swin_v2_t": 256}  # everything else: 224
+SMALL_ARCHS = ("convnet", "linear")  # sized for small images: input = image side, [0.5, 0.5] normalisation
+DEFAULT_INPUT_SIZE = {"convnet": 32, "linear": 32, "swin_v2_t": 256}  # everything else: 224
 
 
 class ConvNet(nn.Module):
@@ -64,6 +66,22 @@ class ConvNet(nn.Module):
         return self.features(x)
 
 
+class LinearNet(nn.Module):
+    """A trivial backbone: 4x4 average pooling, then one linear map to 64-d features (3k params).
+
+    It stands for "no model" where a model is required: `bench_loader.py` trains it to measure
+    what the training loop and the store cost per sample, and tests use it as a fast student.
+    """
+
+    def __init__(self, out_dim: int = 64):
+        super().__init__()
+        self.features = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(3 * 16, out_dim))
+        self.out_dim = out_dim
+
+    def forward(self, x):
+        return self.features(x)
+
+
 def _replace_last_linear(model: nn.Module) -> tuple[str, int]:
     """Swap the classifier (last nn.Linear) for Identity; return its name and input dim."""
     name, lin = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
@@ -81,11 +99,11 @@ def build_backbone(arch: str, input_size: int | None = None, seed: int = 0) -> t
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if arch == "convnet":
-            m = ConvNet()
+        if arch in SMALL_ARCHS:
+            m = ConvNet() if arch == "convnet" else LinearNet()
             return m, m.out_dim, None
         if arch not in torchvision.models.list_models(module=torchvision.models):
-            raise CooptError(f"unknown architecture {arch!r} (use convnet or a torchvision classifier such as resnet18)")
+            raise CooptError(f"unknown architecture {arch!r} (use convnet, linear or a torchvision classifier such as resnet18)")
         kwargs = {}
         if arch.startswith("vit_") and input_size:  # ViT's position embeddings fix the input size
             kwargs["image_size"] = input_size
@@ -204,7 +222,7 @@ def load_prior(spec: str, seed: int = 0, num_classes: int | None = None) -> Prio
             raise CooptError("the labels prior needs a data set with labels")
         return Prior(spec, "labels", None, num_classes, 0, (), ())
     model, dim, meta = load_backbone(arch, ckpt, seed)
-    default_mean, default_std = (CONVNET_MEAN, CONVNET_STD) if arch == "convnet" else (IMAGENET_MEAN, IMAGENET_STD)
+    default_mean, default_std = (CONVNET_MEAN, CONVNET_STD) if arch in SMALL_ARCHS else (IMAGENET_MEAN, IMAGENET_STD)
     return Prior(
         spec=spec, arch=arch, model=model, dim=dim,
         input_size=int(meta.get("input_size") or DEFAULT_INPUT_SIZE.get(arch, 224)),

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from . import augment
 from .errors import CooptError, disk_guard
 from .loader import StoreLoader, resolve_store
-from .priors import CONVNET_MEAN, CONVNET_STD, DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, build_backbone, save_checkpoint
+from .priors import CONVNET_MEAN, CONVNET_STD, DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, SMALL_ARCHS, build_backbone, save_checkpoint
 from .progress import bar
 from .store import VERSION
 
@@ -80,14 +80,14 @@ def maybe_compile(module: nn.Module, dev: torch.device, compile: bool):
 
 
 def default_input_size(arch: str, image_shape) -> int:
-    """convnet: the images' side rounded up to a multiple of 32 (28 -> 32); others: priors default."""
-    if arch == "convnet" and image_shape:
+    """convnet, linear: the images' side rounded up to a multiple of 32 (28 -> 32); others: priors default."""
+    if arch in SMALL_ARCHS and image_shape:
         return max(32, -(-max(image_shape[:2]) // 32) * 32)
     return DEFAULT_INPUT_SIZE.get(arch, 224)
 
 
 def default_norm(arch: str) -> tuple[tuple, tuple]:
-    return (CONVNET_MEAN, CONVNET_STD) if arch == "convnet" else (IMAGENET_MEAN, IMAGENET_STD)
+    return (CONVNET_MEAN, CONVNET_STD) if arch in SMALL_ARCHS else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def param_groups(modules: Iterable[nn.Module], wd: float) -> list[dict]:

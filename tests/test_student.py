@@ -138,3 +138,13 @@ def test_trained_student_beats_untrained(trained_vs_untrained):
     trained, untrained = trained_vs_untrained
     assert trained["probe_accuracy"] >= untrained["probe_accuracy"] + 0.03, (trained, untrained)
     assert trained["knn_accuracy"] >= untrained["knn_accuracy"] + 0.15, (trained, untrained)
+
+
+def test_trivial_linear_student_trains_and_probes(merged_run, tmp_path):
+    s = train(merged_run, "linear", 1, tmp_path / "lin", batch_size=64, progress=False)
+    assert s["input_size"] == 32 and s["steps"] == 6 and np.isfinite(s["loss"])
+    backbone, dim, meta = load_backbone("linear", s["checkpoint"])
+    assert meta["arch"] == "linear" and dim == 64 and sum(p.numel() for p in backbone.parameters()) == 48 * 64 + 64
+    r = probe(s["checkpoint"], "fashion-mnist", "fashion-mnist:test", limit_train=300, limit_test=100, epochs=2,
+              progress=False)
+    assert r["dim"] == 64 and 0 <= r["probe_accuracy"] <= 1
