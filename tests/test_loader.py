@@ -116,3 +116,89 @@ def test_refuses_missing_and_incomplete_store(tmp_path):
     with pytest.raises(CooptError, match="unknown loader field"):
         make_merged(path, n=20)
         StoreLoader(path, 10, fields=("labels",))
+
+
+# ---- placement: host, resident, staged (CUDA) ---------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def epoch_batches(loader, epoch=1, start=0):
+    loader.set_epoch(epoch, start)
+    return [{k: v.cpu() for k, v in b.items()} for b in loader]
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), k
+
+
+@pytest.mark.parametrize("batch_size, start", [(37, 0), (1000, 0), (64, 5)])
+def test_resident_store_gives_the_host_batches(merged_run, batch_size, start):
+    host = StoreLoader(merged_run, batch_size, fields=FIELDS, seed=2)
+    res = StoreLoader(merged_run, batch_size, fields=FIELDS, seed=2, resident=True)
+    assert not host.resident and res.resident and set(res.on_device) == set(FIELDS)
+    assert res.store_bytes == sum(res.on_device[k].numel() * res.on_device[k].element_size() for k in FIELDS)
+    assert_same_batches(epoch_batches(res, 1, start), epoch_batches(host, 1, start))
+
+
+@pytest.mark.parametrize("rows", [np.array([7, 0, 3]), np.arange(199, -1, -2), np.array([5])])
+def test_gather_into_reused_buffers_equals_fancy_indexing(merged_run, rows):
+    from coopt_fast.loader import gather_into, staging_buffers
+
+    loader = StoreLoader(merged_run, 100, fields=FIELDS)
+    bufs = staging_buffers(loader.arrays, 100, pin=False)
+    gather_into(bufs, loader.arrays, np.arange(100))  # dirty the buffers first: reuse must overwrite
+    got = gather_into(bufs, loader.arrays, rows)
+    for k, arr in loader.arrays.items():
+        assert got[k].shape[0] == len(rows) and got[k].data_ptr() == bufs[k].data_ptr()  # no temporary
+        assert np.array_equal(got[k].numpy(), arr[rows]), k
+
+
+def test_resident_default_follows_free_gpu_memory(merged_run, monkeypatch):
+    loader = StoreLoader(merged_run, 10, fields=("targets",))
+    need = loader.store_bytes
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (int(1.9 * need), 10 * need))
+    loader.device = torch.device("cuda")
+    assert not loader._choose_resident(None)  # under half the free memory only
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (2 * need, 10 * need))
+    assert loader._choose_resident(None)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (need - 1, 10 * need))
+    with pytest.raises(CooptError, match="resident store needs .* GiB free; use resident=False"):
+        loader._choose_resident(True)
+    assert not StoreLoader(merged_run, 10, fields=("targets",)).resident  # CPU: the page cache is enough
+
+
+@needs_cuda
+@pytest.mark.parametrize("resident", [False, True])
+@pytest.mark.parametrize("batch_size, start", [(37, 0), (64, 3)])
+def test_cuda_batches_equal_host_batches(merged_run, resident, batch_size, start):
+    host = StoreLoader(merged_run, batch_size, fields=FIELDS, seed=4)
+    dev = StoreLoader(merged_run, batch_size, fields=FIELDS, seed=4, device="cuda", resident=resident)
+    dev.set_epoch(1, start)
+    got = []
+    for b in dev:
+        assert all(t.is_cuda for t in b.values())
+        torch.cuda._sleep(2_000_000)  # a slow step: the next copy must not overwrite a live buffer
+        got.append({k: v.cpu() for k, v in b.items()})
+    assert_same_batches(got, epoch_batches(host, 1, start))
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["int8", "int8-dim", "bfloat16"])
+def test_cuda_decodes_compressed_targets_like_cpu(tmp_path, small_run, name):
+    import shutil
+
+    import coopt_fast
+
+    run = tmp_path / "run"
+    shutil.copytree(small_run, run)
+    coopt_fast.align(run, dim=32, target_dtype=name, progress=False)
+    coopt_fast.merge(run, progress=False)
+    host = epoch_batches(StoreLoader(run, 300, fields=("targets", "index"), seed=1))
+    for resident in (False, True):
+        dev = StoreLoader(run, 300, fields=("targets", "index"), seed=1, device="cuda", resident=resident)
+        assert_same_batches(epoch_batches(dev), host)
