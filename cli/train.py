@@ -3,7 +3,16 @@ from rich.table import Table
 
 from coopt_fast.student import TrainConfig, train as run_train
 
+from coopt_fast.errors import CooptError
+
 from .app import command, emit
+
+
+def parse_resident(value: str) -> bool | None:
+    choices = {"auto": None, "yes": True, "no": False}
+    if value not in choices:
+        raise CooptError(f"--store-on-device {value!r}: use auto, yes or no")
+    return choices[value]
 
 _D = TrainConfig(run="")
 
@@ -11,7 +20,7 @@ _D = TrainConfig(run="")
 @command
 def train(
     run: str = typer.Argument(..., help="run folder holding merged.h5 (or the path of a merged .h5)"),
-    student: str = typer.Option(_D.student, "--student", help="convnet or a torchvision classifier (resnet18, ...)"),
+    student: str = typer.Option(_D.student, "--student", help="convnet, linear (trivial, for measuring) or a torchvision classifier (resnet18, ...)"),
     epochs: int = typer.Option(_D.epochs, "--epochs"),
     out: str = typer.Option(..., "--out", help="output folder: student.pt, state.pt, train.jsonl, curve.png"),
     batch_size: int = typer.Option(_D.batch_size, "--batch-size"),
@@ -24,6 +33,9 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/state.pt"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile on CUDA"),
+    store_on_device: str = typer.Option("auto", "--store-on-device", help="CUDA: keep the merged store in GPU memory "
+                                        "(yes), stream it through pinned buffers (no), or yes when it takes under half "
+                                        "the free GPU memory (auto); on the CPU, yes copies it into RAM"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
 ):
@@ -35,9 +47,9 @@ def train(
     """
     s = run_train(run, student, epochs, out, batch_size=batch_size, lr=lr, wd=wd, seed=seed, input_size=input_size,
                   max_seconds=max_seconds, max_steps=max_steps, resume=resume, device=device, compile=compile,
-                  progress=not quiet)
+                  resident=parse_resident(store_on_device), progress=not quiet)
     t = Table(title=f"train {student}")
     for k in ("checkpoint", "rows", "target_dim", "input_size", "device", "compiled", "epochs", "steps", "stopped",
-              "resumed", "loss", "seconds", "samples_per_s"):
+              "store_on_device", "resumed", "loss", "seconds", "samples_per_s"):
         t.add_row(k, f"{s[k]:.4g}" if isinstance(s[k], float) else str(s[k]))
     emit(s, json_out, t)

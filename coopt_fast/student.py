@@ -287,6 +287,7 @@ class TrainConfig:
     resume: bool = False
     device: str = "cpu"
     compile: bool = True             # CUDA only
+    resident: bool | None = None     # merged store in device memory (StoreLoader); None: if it fits
     max_seconds: float | None = None  # wall-clock budget of this call; stop after the step that exceeds it
     max_steps: int | None = None      # stop after this many optimizer steps in all (smoke runs, tests)
     input_size: int | None = None     # None: default_input_size
@@ -307,7 +308,8 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
     dev = resolve_device(cfg.device)
     out_dir = Path(cfg.out)
     store = resolve_store(cfg.run)
-    loader = StoreLoader(store, cfg.batch_size, fields=("images", "targets"), seed=cfg.seed, device=dev)
+    loader = StoreLoader(store, cfg.batch_size, fields=("images", "targets"), seed=cfg.seed, device=dev,
+                         resident=cfg.resident)
     size = cfg.input_size or default_input_size(cfg.student, loader.image_shape)
     loader.image_size = size  # folder images of mixed size are resized to it
     loader.drop_last = loader.n >= cfg.batch_size  # static shapes (no recompiles), no 1-sample BN batch
@@ -374,7 +376,7 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
     return {
         "checkpoint": str(ckpt_path), "state": str(state_path), "log": str(out_dir / "train.jsonl"),
         "curve": str(out_dir / "curve.png"), "student": cfg.student, "input_size": size, "device": str(dev),
-        "compiled": forward is not model, "rows": loader.n, "target_dim": loader.dim,
+        "compiled": forward is not model, "store_on_device": loader.resident, "rows": loader.n, "target_dim": loader.dim,
         "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"], "resumed": resumed,
         "seconds": loop["run_seconds"], "samples_per_s": rate, "loss": last,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("run", "out", "progress")},

@@ -500,6 +500,8 @@ OTHER_BAD = [
                  id="train --max-steps -1"),
     pytest.param(("train", "{run}", "--out", "{out}", "--max-seconds", -1, *TRAIN), "--max-seconds",
                  id="train --max-seconds -1"),
+    pytest.param(("train", "{run}", "--out", "{out}", "--store-on-device", "maybe", *TRAIN), "--store-on-device",
+                 id="train --store-on-device maybe"),
 ]
 
 
