@@ -135,3 +135,66 @@ def test_torchrun_two_gloo_ranks_equal_one_process(run):
     assert r.returncode == 0, r.stderr[-3000:]
     _same(_feats(run, "single"), _feats(run, "multi"))
     assert not list((run / "participants" / "multi").glob("features.rank*"))
+
+
+def _jpeg_folder(root, sides):
+    """JPEGs of Fashion-MNIST images, image i resized to sides[i] x sides[i] (RGB, quality 95)."""
+    from torchvision.io import encode_jpeg
+
+    from coopt_fast.data import load_dataset
+
+    ds = load_dataset("fashion-mnist")
+    for i, side in enumerate(sides):
+        d = root / f"c{ds.labels[i]}"
+        d.mkdir(parents=True, exist_ok=True)
+        x = torch.from_numpy(ds.images[i].copy()).permute(2, 0, 1).expand(3, -1, -1)
+        x = torch.nn.functional.interpolate(x[None].float(), size=side, mode="bilinear")[0].round().to(torch.uint8)
+        (d / f"{i:03d}.jpg").write_bytes(encode_jpeg(x, quality=95).numpy().tobytes())
+    return root
+
+
+def test_folder_size_peek(tmp_path):
+    from coopt_fast.data import load_dataset
+    from coopt_fast.decode import folder_needs_resize
+
+    ds = load_dataset(f"folder:{_jpeg_folder(tmp_path / 'imgs', [32] * 9 + [40])}")
+    odd = next(i for i, f in enumerate(ds.files) if f.name == "009.jpg")  # files are sorted by class folder
+    same = np.array([i for i in range(10) if i != odd])
+    assert not folder_needs_resize(ds.files, same, 32)
+    assert folder_needs_resize(ds.files, np.append(same, odd), 32)  # the last row is always among the peeked
+    assert folder_needs_resize(ds.files, same, 28)
+    ds.files[same[3]].write_bytes(b"not an image")
+    assert folder_needs_resize(ds.files, same, 32)  # unreadable: keep the resize
+
+
+@needs_dali
+@pytest.mark.parametrize("peek", [64, 1])
+def test_dali_same_size_folder_skips_resize_and_survives_a_missed_odd_file(tmp_path, monkeypatch, peek):
+    """Files already at the input size: DALI leaves its resize out. With peek=1 only the first
+    file is looked at, so the 40 px file at row 45 reaches a resize-free pipeline: the batch of
+    mixed shapes must restart DALI with the resize on, and every row must still match."""
+    import coopt_fast.decode as decode
+
+    sides = [32] * 60
+    sides[45] = 40
+    imgs, run = _jpeg_folder(tmp_path / "imgs", sides), tmp_path / "run"
+    coopt_fast.split(f"folder:{imgs}", run, participants=1, shared_fraction=0.1, seed=0)
+    monkeypatch.setattr(decode, "SIZE_PEEK", peek)
+    built = []
+    real = decode._dali_pipeline
+    monkeypatch.setattr(decode, "_dali_pipeline", lambda *a: built.append(a) or real(*a))
+    for dec in ("dali", "torchvision"):
+        s = coopt_fast.extract(run, dec, 0, "convnet", batch_size=16, decoder=dec, workers=1, progress=False)
+        assert s["rows"] == 60 and s["skipped_images"] == 0
+    from coopt_fast.data import load_dataset
+
+    odd = next(i for i, f in enumerate(load_dataset(f"folder:{imgs}").files) if f.name == "045.jpg")
+    with_odd = [a[-1] for a in built if odd in set(a[1].tolist())]  # resize flag of each build over it
+    if peek == 64:  # the full peek sees the 40 px file
+        assert with_odd == [True]
+    else:  # a one-file peek does not: the batch of mixed shapes rebuilds the pipeline with the resize on
+        assert with_odd == [False, True]
+    assert False in [a[-1] for a in built], "same-size files must get a pipeline without resize"
+    a = _feats(run, "dali")["shard/features"].astype(np.float32)
+    b = _feats(run, "torchvision")["shard/features"].astype(np.float32)
+    assert (np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max() < 0.03
