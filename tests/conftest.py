@@ -58,3 +58,14 @@ def small_run(tmp_path_factory, small_ckpt) -> Path:
     coopt_fast.align(run, dim=32, progress=False)
     coopt_fast.merge(run, progress=False)
     return run
+
+
+def realign(small_run: Path, to: Path, target_dtype: str) -> dict:
+    """A copy of small_run at `to`, aligned again with `target_dtype` and merged; merge's summary."""
+    import shutil
+
+    import coopt_fast
+
+    shutil.copytree(small_run, to)
+    coopt_fast.align(to, dim=32, target_dtype=target_dtype, progress=False)
+    return coopt_fast.merge(to, progress=False)

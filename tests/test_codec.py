@@ -1,16 +1,14 @@
 """Compressed targets: error bounds per dtype, and align -> merge round trips."""
-import shutil
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-import coopt_fast
 from coopt_fast import codec
 from coopt_fast.errors import CooptError
 
-from .conftest import requires_fmnist
+from .conftest import realign, requires_fmnist
 
 
 @pytest.mark.parametrize("name", codec.TARGET_DTYPES)
@@ -45,9 +43,7 @@ def test_bad_target_dtype():
 @pytest.mark.parametrize("name", ["bfloat16", "int8", "int8-dim"])
 def test_align_merge_round_trip(tmp_path, small_run, name):
     run = tmp_path / "run"
-    shutil.copytree(small_run, run)
-    coopt_fast.align(run, dim=32, target_dtype=name, progress=False)
-    s = coopt_fast.merge(run, progress=False)
+    s = realign(small_run, run, name)
     assert s["target_dtype"] == name
     with h5py.File(small_run / "merged.h5", "r") as f:
         ref = f["targets"][:].astype(np.float32)
@@ -69,9 +65,7 @@ def test_loader_decodes_compressed_targets(tmp_path, small_run):
     from coopt_fast.loader import StoreLoader
 
     run = tmp_path / "run"
-    shutil.copytree(small_run, run)
-    coopt_fast.align(run, dim=32, target_dtype="int8-dim", progress=False)
-    coopt_fast.merge(run, progress=False)
+    realign(small_run, run, "int8-dim")
     loader = StoreLoader(run / "merged.h5", 300, fields=("targets", "index"), shuffle=True, seed=3)
     with h5py.File(run / "merged.h5", "r") as f:
         full = codec.decode(torch.from_numpy(f["targets"][:]), "int8-dim",

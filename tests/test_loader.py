@@ -7,7 +7,7 @@ import torch
 from coopt_fast.errors import CooptError
 from coopt_fast.loader import StoreLoader, epoch_permutation, memmap_dataset
 
-from .conftest import requires_fmnist
+from .conftest import realign, requires_fmnist
 from .conftest_student import fmnist, make_merged, merged_run  # noqa: F401  (fixture)
 
 pytestmark = requires_fmnist
@@ -190,14 +190,8 @@ def test_cuda_batches_equal_host_batches(merged_run, resident, batch_size, start
 @needs_cuda
 @pytest.mark.parametrize("name", ["int8", "int8-dim", "bfloat16"])
 def test_cuda_decodes_compressed_targets_like_cpu(tmp_path, small_run, name):
-    import shutil
-
-    import coopt_fast
-
     run = tmp_path / "run"
-    shutil.copytree(small_run, run)
-    coopt_fast.align(run, dim=32, target_dtype=name, progress=False)
-    coopt_fast.merge(run, progress=False)
+    realign(small_run, run, name)
     host = epoch_batches(StoreLoader(run, 300, fields=("targets", "index"), seed=1))
     for resident in (False, True):
         dev = StoreLoader(run, 300, fields=("targets", "index"), seed=1, device="cuda", resident=resident)
