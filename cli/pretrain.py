@@ -28,6 +28,8 @@ def pretrain(
     resume: bool = typer.Option(False, "--resume", help="continue from OUT.state.pt"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile on CUDA"),
+    snapshots: int = typer.Option(0, "--snapshots", help="also save N copies of the backbone at evenly spaced "
+                                  "points of training (for accuracy-vs-time curves; the last one is the final model)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
 ):
@@ -39,7 +41,7 @@ def pretrain(
     s = run_pretrain(dataset, method, arch, epochs, out, batch_size=batch_size, lr=lr, wd=wd,
                      labeled_fraction=labeled_fraction, seed=seed, limit=limit, input_size=input_size,
                      max_seconds=max_seconds, max_steps=max_steps, resume=resume, device=device,
-                     compile=compile, progress=not quiet)
+                     compile=compile, snapshots=snapshots, progress=not quiet)
     t = Table(title=f"pretrain {method} {arch}")
     for k in ("checkpoint", "samples", "input_size", "device", "epochs", "steps", "stopped", "resumed",
               "loss", "seconds", "samples_per_s"):

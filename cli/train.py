@@ -36,6 +36,8 @@ def train(
     store_on_device: str = typer.Option("auto", "--store-on-device", help="CUDA: keep the merged store in GPU memory "
                                         "(yes), stream it through pinned buffers (no), or yes when it takes under half "
                                         "the free GPU memory (auto); on the CPU, yes copies it into RAM"),
+    snapshots: int = typer.Option(0, "--snapshots", help="also save N copies of the backbone at evenly spaced "
+                                  "points of training (for accuracy-vs-time curves; the last one is the final model)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
 ):
@@ -47,7 +49,7 @@ def train(
     """
     s = run_train(run, student, epochs, out, batch_size=batch_size, lr=lr, wd=wd, seed=seed, input_size=input_size,
                   max_seconds=max_seconds, max_steps=max_steps, resume=resume, device=device, compile=compile,
-                  resident=parse_resident(store_on_device), progress=not quiet)
+                  resident=parse_resident(store_on_device), snapshots=snapshots, progress=not quiet)
     t = Table(title=f"train {student}")
     for k in ("checkpoint", "rows", "target_dim", "input_size", "device", "compiled", "epochs", "steps", "stopped",
               "store_on_device", "resumed", "loss", "seconds", "samples_per_s"):

@@ -68,6 +68,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
     return F.cross_entropy(sim, target)
 
 
+def snapshot_path(out: Path, k: int) -> Path:
+    """OUT = prior.safetensors -> prior.snap3.safetensors (same format as OUT)."""
+    return out.with_name(f"{out.stem}.snap{k}{out.suffix}")
+
+
 class Supervised(nn.Module):
     def __init__(self, backbone, dim, num_classes):
         super().__init__()
@@ -136,6 +141,7 @@ class PretrainConfig:
     temperature: float = 0.2          # SimCLR
     proj_hidden: int | None = None    # projector/predictor hidden width; None: 4096 byol, 2048 simclr
     proj_dim: int = 256               # projector output
+    snapshots: int = 0                # N copies of the backbone at evenly spaced points: OUT.snapK.<ext>
 
 
 def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: int = 10, out="prior.pt",
@@ -233,11 +239,16 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
         save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "aug_rng": rng_state(gen), "loop": lp})
 
+    def snapshot(k, lp):
+        path = snapshot_path(out, k)
+        save_checkpoint(path, model.backbone, {**meta, "snapshot": k, "epochs": lp["epoch"], "steps": lp["step"]})
+        return path
+
     out.parent.mkdir(parents=True, exist_ok=True)
     model.train()
     loop = fit(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=bs,
                batches=batches, step=step, save=save, loop=loop, max_seconds=cfg.max_seconds,
-               max_steps=cfg.max_steps, progress=cfg.progress)
+               max_steps=cfg.max_steps, progress=cfg.progress, snapshots=cfg.snapshots, snapshot=snapshot)
     if not out.exists():
         save(loop)
     last = loop["log"][-1]["loss"] if loop["log"] else (loop["trace"][-1][1] if loop["trace"] else float("nan"))
@@ -245,7 +256,8 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
         "checkpoint": str(out), "state": str(state_path), "log": str(log_path), "method": cfg.method,
         "arch": cfg.arch, "input_size": size, "device": str(dev), "compiled": loss_fn is not model,
         "samples": len(pool), "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"],
-        "resumed": resumed, "seconds": loop["run_seconds"],
+        "resumed": resumed, "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"],
         "samples_per_s": loop["run_samples"] / max(1e-9, loop["run_seconds"]), "loss": last,
+        "snapshots": loop["snapshots"],
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")},
     }

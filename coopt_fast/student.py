@@ -110,8 +110,10 @@ def lr_factor(progress: float, warmup: float = WARMUP_FRACTION) -> float:
 def check_budget(cfg) -> None:
     """Options shared by train and pretrain that, when set, must be positive."""
     for flag, v in (("--input-size", cfg.input_size), ("--max-steps", cfg.max_steps), ("--max-seconds", cfg.max_seconds)):
-        if v is not None and v <= 0:
+        if v is not None and (v <= 0 or not math.isfinite(v)):
             raise CooptError(f"{flag} must be > 0, got {v}")
+    if not 0 <= cfg.snapshots <= 1000:
+        raise CooptError(f"--snapshots must be in [0, 1000], got {cfg.snapshots}")
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -158,20 +160,36 @@ def rng_state(g: torch.Generator) -> torch.Tensor:
 def fit(*, what: str, epochs: int, steps_per_epoch: int, batch_size: int,
         batches: Callable[[int, int], Iterable], step: Callable[[object, float], torch.Tensor],
         save: Callable[[dict], None], loop: dict | None = None, max_seconds: float | None = None,
-        max_steps: int | None = None, progress: bool = True, sync_every: int = 10) -> dict:
+        max_steps: int | None = None, progress: bool = True, sync_every: int = 10,
+        snapshots: int = 0, snapshot: Callable[[int, dict], str] | None = None) -> dict:
     """The epoch/step loop shared by train and pretrain.
 
     batches(epoch, start_batch) yields the epoch's batches from start_batch on; step(batch, p)
     runs one optimizer step at schedule position p in [0, 1] and returns the detached loss;
     save(loop) persists model + loop state (at each epoch end, and when a budget stops the run).
     With max_seconds, p = max(step fraction, time fraction) so the schedule anneals within the
-    budget. Returns the loop dict: epoch, batch, step, log, trace, stopped, run_seconds, run_samples.
+    budget. With snapshots = N, snapshot(k, loop) saves a copy of the backbone when p first
+    reaches k/N (k < N) and once more when the run ends (k = N): accuracy-vs-time curves from
+    one run. Snapshot saving is kept off the clock (it is measurement, not training).
+    Returns the loop dict: epoch, batch, step, log, trace, snapshots, elapsed (training seconds
+    over all calls), stopped, run_seconds, run_samples.
     """
     loop = dict(loop or {"epoch": 0, "batch": 0, "step": 0, "log": [], "trace": [],
                          "part": {"loss": 0.0, "steps": 0, "seconds": 0.0, "samples": 0}})
+    loop.setdefault("snapshots", [])
     total_steps = max(1, epochs * steps_per_epoch)
     start = time.perf_counter()
+    elapsed0 = loop.get("elapsed", 0.0)  # training seconds of earlier (resumed) calls
     run_samples = 0
+
+    def take_snapshot(k: int) -> None:
+        nonlocal start
+        t = time.perf_counter()
+        seconds = elapsed0 + t - start
+        path = snapshot(k, loop)
+        loop["snapshots"].append({"k": k, "of": snapshots, "step": loop["step"], "seconds": seconds,
+                                  "samples": loop["step"] * batch_size, "path": str(path)})
+        start += time.perf_counter() - t  # off the clock, and off the max_seconds budget
     stopped = "max_steps" if max_steps is not None and loop["step"] >= max_steps else "epochs"
     remaining = max(0, total_steps - loop["step"]) * batch_size
     with bar(what, remaining, enabled=progress) as advance:
@@ -200,6 +218,13 @@ def fit(*, what: str, epochs: int, steps_per_epoch: int, batch_size: int,
                     loop["trace"].append([loop["step"], v / window])
                     advance(window * batch_size, info=f"epoch {e + 1}/{epochs} loss {v / window:.4f}")
                     acc, window = None, 0
+                k = len(loop["snapshots"]) + 1
+                if snapshots and k < snapshots:
+                    p_now = loop["step"] / total_steps
+                    if max_seconds:
+                        p_now = max(p_now, (time.perf_counter() - start) / max_seconds)
+                    if p_now >= k / snapshots:
+                        take_snapshot(k)
                 if max_steps is not None and loop["step"] >= max_steps:
                     stopped = "max_steps"
                 elif max_seconds and time.perf_counter() - start >= max_seconds:
@@ -219,9 +244,18 @@ def fit(*, what: str, epochs: int, steps_per_epoch: int, batch_size: int,
                     "lr_factor": lr_factor(min(1.0, loop["step"] / total_steps)),
                 })
                 loop.update(epoch=e + 1, batch=0, part={"loss": 0.0, "steps": 0, "seconds": 0.0, "samples": 0})
+            # The run's end is snapshot N: all epochs done, or the time budget (the schedule annealed
+            # within it). A max_steps stop is a cut that --resume continues, so it is not an end.
+            last = loop["epoch"] >= epochs or stopped == "max_seconds"
+            if last and snapshots and len(loop["snapshots"]) < snapshots:
+                take_snapshot(snapshots)
+            loop["elapsed"] = elapsed0 + time.perf_counter() - start
             save(loop)
+    if snapshots and len(loop["snapshots"]) < snapshots and loop["epoch"] >= epochs:
+        take_snapshot(snapshots)  # resumed a finished run that was trained without snapshots
     loop["stopped"] = stopped
     loop["run_seconds"] = time.perf_counter() - start
+    loop["elapsed"] = elapsed0 + loop["run_seconds"]
     loop["run_samples"] = run_samples
     return loop
 
@@ -292,6 +326,7 @@ class TrainConfig:
     max_steps: int | None = None      # stop after this many optimizer steps in all (smoke runs, tests)
     input_size: int | None = None     # None: default_input_size
     crop_scale: tuple = (0.25, 1.0)   # milder than ImageNet's 0.08: the target describes the whole image
+    snapshots: int = 0                # N copies of the backbone at evenly spaced points (OUT/snapshots/)
     progress: bool = True
 
 
@@ -363,10 +398,15 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
         save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                 "aug_rng": rng_state(gen), "loop": lp})
 
+    def snapshot(k, lp):
+        path = out_dir / "snapshots" / f"student-{k}.pt"
+        save_checkpoint(path, model.backbone, {**meta, "snapshot": k, "epochs": lp["epoch"], "steps": lp["step"]})
+        return path
+
     model.train()
     loop = fit(what="train", epochs=cfg.epochs, steps_per_epoch=len(loader), batch_size=min(cfg.batch_size, loader.n),
                batches=batches, step=step, save=save, loop=loop, max_seconds=cfg.max_seconds,
-               max_steps=cfg.max_steps, progress=cfg.progress)
+               max_steps=cfg.max_steps, progress=cfg.progress, snapshots=cfg.snapshots, snapshot=snapshot)
     if not ckpt_path.exists():  # resumed a finished run: fit saved nothing
         save(loop)
     rate = loop["run_samples"] / max(1e-9, loop["run_seconds"])
@@ -378,6 +418,7 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
         "curve": str(out_dir / "curve.png"), "student": cfg.student, "input_size": size, "device": str(dev),
         "compiled": forward is not model, "store_on_device": loader.resident, "rows": loader.n, "target_dim": loader.dim,
         "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"], "resumed": resumed,
-        "seconds": loop["run_seconds"], "samples_per_s": rate, "loss": last,
+        "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"], "samples_per_s": rate, "loss": last,
+        "snapshots": loop["snapshots"],
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("run", "out", "progress")},
     }

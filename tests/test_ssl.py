@@ -144,3 +144,13 @@ def test_byol_resume_is_bitwise_equal(tmp_path):
     for k in a["model"]:  # online, predictor and the EMA target network
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert torch.equal(a["aug_rng"], b["aug_rng"])
+
+
+@requires_fmnist
+def test_pretrain_snapshots_beside_the_checkpoint(tmp_path):
+    s = pretrain("fashion-mnist", "simclr", "convnet", 2, tmp_path / "p.safetensors", snapshots=2, **TINY)
+    assert [(r["k"], r["step"]) for r in s["snapshots"]] == [(1, 2), (2, 4)]
+    assert [r["path"] for r in s["snapshots"]] == [str(tmp_path / f"p.snap{k}.safetensors") for k in (1, 2)]
+    final, _ = read_checkpoint(tmp_path / "p.safetensors")
+    last, meta = read_checkpoint(tmp_path / "p.snap2.safetensors")
+    assert meta["snapshot"] == 2 and meta["method"] == "simclr" and all(torch.equal(final[k], last[k]) for k in final)

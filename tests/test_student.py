@@ -148,3 +148,37 @@ def test_trivial_linear_student_trains_and_probes(merged_run, tmp_path):
     r = probe(s["checkpoint"], "fashion-mnist", "fashion-mnist:test", limit_train=300, limit_test=100, epochs=2,
               progress=False)
     assert r["dim"] == 64 and 0 <= r["probe_accuracy"] <= 1
+
+
+def test_snapshots_are_evenly_spaced_and_the_last_is_the_final_model(merged_run, tmp_path):
+    s = train(merged_run, "convnet", 2, tmp_path / "s", snapshots=4, **FAST)  # 12 steps: every 3
+    snaps = s["snapshots"]
+    assert [(r["k"], r["of"], r["step"]) for r in snaps] == [(1, 4, 3), (2, 4, 6), (3, 4, 9), (4, 4, 12)]
+    secs = [r["seconds"] for r in snaps]
+    assert secs == sorted(secs) and 0 < secs[-1] <= s["train_seconds"] + 1e-9
+    assert all(r["samples"] == r["step"] * 64 for r in snaps)
+    final, _ = read_checkpoint(s["checkpoint"])
+    last, meta = read_checkpoint(snaps[-1]["path"])
+    assert meta["snapshot"] == 4 and all(torch.equal(final[k], last[k]) for k in final)
+    first, _ = read_checkpoint(snaps[0]["path"])
+    assert not all(torch.equal(final[k], first[k]) for k in final)
+
+
+def test_snapshots_survive_a_resume(merged_run, tmp_path):
+    full = train(merged_run, "convnet", 2, tmp_path / "full", snapshots=3, **FAST)
+    train(merged_run, "convnet", 2, tmp_path / "part", snapshots=3, max_steps=7, **FAST)
+    rest = train(merged_run, "convnet", 2, tmp_path / "part", snapshots=3, resume=True, **FAST)
+    assert [r["step"] for r in rest["snapshots"]] == [r["step"] for r in full["snapshots"]] == [4, 8, 12]
+    for a, b in zip(full["snapshots"], rest["snapshots"]):
+        wa, _ = read_checkpoint(a["path"])
+        wb, _ = read_checkpoint(b["path"])
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"snapshot {a['k']} differs after resume"
+
+
+def test_snapshots_under_a_time_budget_and_bad_counts(merged_run, tmp_path):
+    s = train(merged_run, "convnet", 50, tmp_path / "t", snapshots=3, max_seconds=1e-6, **FAST)
+    # One step, already past the whole budget: snapshot 1 fires (p >= 1/3), 2 is skipped (one per
+    # step), and the run's end is always snapshot 3.
+    assert s["stopped"] == "max_seconds" and [(r["k"], r["step"]) for r in s["snapshots"]] == [(1, 1), (3, 1)]
+    with pytest.raises(CooptError, match="--snapshots"):
+        train(merged_run, "convnet", 1, tmp_path / "u", snapshots=-1, **FAST)
