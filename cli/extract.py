@@ -14,7 +14,10 @@ def extract(
     prior: str = typer.Option(..., "--prior", help="ARCH, ARCH:CHECKPOINT (.pt/.pth/.safetensors) or labels"),
     batch_size: int = typer.Option(256, "--batch-size"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    round_: int = typer.Option(0, "--round", help="collaboration round, recorded in the file"),
+    round_: int = typer.Option(0, "--round", help="collaboration round (>= 0), recorded in the file. A round higher "
+                               "than the published round R (an upgraded prior) first archives R under "
+                               "participants/NAME/rounds/R/; a lower one is refused. merge uses each "
+                               "participant's latest round"),
     seed: int = typer.Option(0, "--seed", help="seeds a checkpoint-less prior's random initialisation"),
     decoder: str = typer.Option("auto", "--decoder", help="dali | torchvision | auto (the faster one measured for this input)"),
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the prior (compile time reported apart)"),
@@ -28,13 +31,14 @@ def extract(
     Interrupted (even by kill -9) and rerun with the same options, it resumes at the last
     written batch and ends with the same values as an uninterrupted run. Under
     `torchrun --nproc_per_node=G -m coopt_fast extract ...` the shard is split across ranks
-    and stitched into the one features.h5.
+    and stitched into the one features.h5. With a higher --round the previous round moves to
+    participants/NAME/rounds/R/ first (rerun to finish an interrupted move); realign after it.
     """
     s = coopt_fast.extract(run, participant, shard, prior, batch_size=batch_size, device=device, round=round_,
                            seed=seed, decoder=decoder, compile=compile, on_bad_image=on_bad_image, workers=workers,
                            progress=not quiet)
     t = Table(title=f"extract {participant}")
-    for k in ("prior", "rows", "shared_rows", "skipped_images", "feature_dim", "uniformity", "decoder",
-              "seconds", "compile_seconds", "model_seconds", "resumed", "skipped"):
+    for k in ("prior", "round", "archived", "rows", "shared_rows", "skipped_images", "feature_dim", "uniformity",
+              "decoder", "seconds", "compile_seconds", "model_seconds", "resumed", "skipped"):
         t.add_row(k, f"{s[k]:.4f}" if isinstance(s[k], float) else str(s[k]))
     emit(s, json_out, t)

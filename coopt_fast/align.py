@@ -8,7 +8,7 @@ Writes RUN/participants/NAME/aligned.h5:
   shard/index, shard/targets [n_k, n] float16; shared/index, shared/targets [|S|, n] float16
   projection [l_k, n] float32 (W_k); map [l_k, n] float32 (W_k T_k)
   stats/sum, stats/sumsq [n] float64: per-dimension sums of the stored shard targets
-  attrs: reference, residual, dim, projection_seed, ridge, prior, uniformity, ...
+  attrs: reference, residual, dim, projection_seed, ridge, prior, uniformity, round (features.h5's), ...
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ RIDGE_AUTO_FACTOR = 1e-2  # ridge relative to mean squared singular value of F(S
 
 
 def participants(run: str | Path) -> list[str]:
+    """Names with a published features.h5: its latest round (archived rounds live one level down)."""
     root = Path(run) / "participants"
     names = sorted(p.name for p in root.iterdir() if (p / "features.h5").exists()) if root.is_dir() else []
     return names
@@ -133,6 +134,7 @@ def align(
             if not torch.isfinite(fs).all():
                 raise CooptError(f"{fpath}: shared/features has NaN or Inf values")
             meta = {k: f.attrs[k] for k in ("prior", "uniformity", "feature_dim")}
+            meta["round"] = int(f.attrs.get("round", 0))
         seed = projection_seed(plan["seed"], name)
         w = projection(fs.shape[1], dim, seed)
         if ref is None or name == ref:
@@ -162,7 +164,7 @@ def align(
     rows = [
         {"participant": nm, "prior": str(ft["meta"]["prior"]), "uniformity": float(ft["meta"]["uniformity"]),
          "feature_dim": int(ft["meta"]["feature_dim"]), "residual": ft["residual"], "ridge": ft["ridge"],
-         "reference": nm == ref}
+         "reference": nm == ref, "round": ft["meta"]["round"]}
         for nm, ft in fits.items()
     ]
     return {"reference": ref, "dim": dim, "target_dtype": target_dtype,
@@ -209,7 +211,7 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
                 f.create_dataset("stats/running", data=np.zeros(2 * dim + 2))
             _resume_stats(f, tgt)
             f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"],
-                            "uniformity": ft["meta"]["uniformity"]})
+                            "uniformity": ft["meta"]["uniformity"], "round": ft["meta"]["round"]})
             outs[name] = (f, tgt, path)
         total = sum(srcs[nm]["shard/features"].shape[0] for nm in fits)
         with bar("align", total, progress, unit="rows") as advance:

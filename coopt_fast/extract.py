@@ -17,6 +17,11 @@ each flush; a rerun continues at the first missing row. Eager features do not de
 batch size or thread count (checked in tests; a batch of one row takes another conv algorithm,
 so one-row batches are padded to two), so the datasets come out value for value the same.
 
+Rounds: a participant may re-extract with an upgraded prior under a higher --round. Its published
+round (aligned.h5, manifest.json, features.h5) then moves to NAME/rounds/<old round>/ first, and
+the top-level files are always the latest round, the only one align, merge and the other commands
+read. features.h5 moves last, so an interrupted archive is finished by rerunning the command.
+
 Scaling out: under torchrun (WORLD_SIZE > 1) each rank takes a contiguous slice of S and of the
 shard and writes features.rankR.h5; rank 0 then stitches the parts, in plan order, into the one
 features.h5 (a copy rather than an HDF5 virtual dataset: the participant uploads one
@@ -45,6 +50,11 @@ from .progress import bar
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 GROUPS = ("shared", "shard")
+# A round's files, in the order they are archived: features.h5 last, because its round attr is
+# what says "this round is still here" — a crash mid-archive leaves it behind, and a rerun
+# finishes the move. aligned.h5 first: it must never outlive the features it was made from.
+ROUND_FILES = ("aligned.h5", "manifest.json", "features.h5")
+ROUND_WAIT_SECONDS = 120  # torchrun: how long ranks > 0 wait for rank 0 to archive the older round
 
 
 def check_name(name: str) -> str:
@@ -143,6 +153,8 @@ def extract(
     """Compute features of shard `shard` and of S with prior `prior`; write features.h5."""
     if batch_size < 1:
         raise CooptError(f"--batch-size must be >= 1, got {batch_size}")
+    if round < 0:
+        raise CooptError(f"--round must be >= 0, got {round}")
     out = participant_dir(run, participant) / "features.h5"
     plan = load_plan(run)
     idx = shard_indices(plan, shard)
@@ -183,6 +195,7 @@ def extract(
 def _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image, workers,
             participant, rank, world, progress) -> dict:
     with store.Lock(rank_part):  # one writer per file; a kill -9'd writer's lock is stale
+        archived = _retire_older_round(out, identity["round"], rank, world)
         summary = None
         if out.exists():
             with store.open_complete(out, "features") as f:
@@ -192,11 +205,64 @@ def _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, co
                 if "features.h5" not in store.read_manifest(out.parent):  # interrupted between publish and this
                     store.write_manifest(out.parent, out.name)
                 return summary
-            raise CooptError(f"{out}: exists from another extraction (prior/shard/seed/decoder differ); remove it to re-extract")
+            raise CooptError(f"{out}: exists from another extraction of round {identity['round']} (prior/shard/seed/"
+                             f"decoder differ); remove it, or extract with a higher --round to archive it")
         resumed = _run(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image,
                        workers, participant, rank, world, progress)
     with store.open_complete(out, "features") as f:
-        return _summary(out, f, resumed=resumed, skipped=False)
+        return _summary(out, f, resumed=resumed, skipped=False, archived=archived)
+
+
+def _round_of(path: Path) -> int | None:
+    """The round of a published features.h5; None when there is none (or it was just archived)."""
+    try:
+        with store.open_complete(path, "features") as f:
+            return int(f.attrs.get("round", 0))
+    except CooptError:
+        if path.exists():
+            raise
+        return None
+
+
+def _retire_older_round(out: Path, new: int, rank: int, world: int) -> str | None:
+    """Before extracting round `new`: refuse if out holds a newer round; if it holds an older one,
+    archive it (rank 0) or wait until rank 0 has (ranks > 0). Returns the archive folder, if any."""
+    old = _round_of(out)
+    if old is None or old == new:
+        return None
+    if old > new:
+        raise CooptError(f"{out}: holds round {old}, newer than --round {new}; a participant's rounds only go up")
+    if rank == 0:
+        with contextlib.ExitStack() as locks:
+            if world > 1:  # rank 0 holds features.rank0.h5's lock; the published file has its own
+                locks.enter_context(store.Lock(out))
+            locks.enter_context(store.Lock(out.with_name("aligned.h5")))  # align must not be writing it
+            return str(archive_round(out.parent, old))
+    deadline = time.monotonic() + ROUND_WAIT_SECONDS
+    while (cur := _round_of(out)) is not None and cur < new:
+        if time.monotonic() > deadline:
+            raise CooptError(f"{out}: rank {rank} waited {ROUND_WAIT_SECONDS} s for rank 0 to archive round {cur}; "
+                             f"see rank 0's error")
+        time.sleep(0.2)
+    return None
+
+
+def archive_round(folder: Path, old: int) -> Path:
+    """Move a participant's published round `old` into folder/rounds/<old>/ (ROUND_FILES, in that
+    order, each with os.replace; absent ones skipped, so a rerun finishes an interrupted archive).
+    Refuses to overwrite an earlier archive of the same name."""
+    dest = folder / "rounds" / str(old)
+    present = [n for n in ROUND_FILES if (folder / n).exists()]
+    for n in present:
+        if (dest / n).exists():
+            raise CooptError(f"{dest / n}: round {old} is already archived there; refusing to overwrite it with "
+                             f"{folder / n} (move one of the two away)")
+    dest.mkdir(parents=True, exist_ok=True)
+    # An unfinished align of the old features: it can never be published now.
+    store.partial_path(folder / "aligned.h5").unlink(missing_ok=True)
+    for n in present:
+        os.replace(folder / n, dest / n)
+    return dest
 
 
 def _run(out, part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image, workers, participant,
@@ -319,13 +385,14 @@ def _stitch(out: Path, parts: list[Path], identity: dict, rows: dict, runner, t0
         store.partial_path(q).unlink(missing_ok=True)
 
 
-def _summary(path: Path, f, resumed: bool, skipped: bool) -> dict:
+def _summary(path: Path, f, resumed: bool, skipped: bool, archived: str | None = None) -> dict:
     return {
         "participant": str(f.attrs["participant"]), "path": str(path), "prior": str(f.attrs["prior"]),
+        "round": int(f.attrs.get("round", 0)),
         "rows": int(f["shard/features"].shape[0]), "shared_rows": int(f["shared/features"].shape[0]),
         "skipped_images": int(f["shard/skipped"].shape[0] + f["shared/skipped"].shape[0]),
         "feature_dim": int(f.attrs["feature_dim"]), "uniformity": float(f.attrs["uniformity"]),
         "decoder": str(f.attrs["decoder_used"]), "seconds": float(f.attrs["seconds"]),
         "compile_seconds": float(f.attrs["compile_seconds"]), "model_seconds": float(f.attrs["model_seconds"]),
-        "resumed": resumed, "skipped": skipped,
+        "resumed": resumed, "skipped": skipped, "archived": archived,  # where the previous round went
     }

@@ -9,7 +9,8 @@ merged.h5 (contiguous, unfiltered datasets: the loader np.memmaps them):
   target_mean, target_std  float32 [n]   from the uploads' per-dimension sums (no second pass)
   images       uint8   [N', H, W, C]     for in-memory data sets up to MAX_IMAGE_BYTES
   attrs: participants (JSON), dataset, limit, fingerprint (JSON), dim, target_dtype,
-         inputs (JSON {relative path: sha256}), coverage (N'/N), reference
+         inputs (JSON {relative path: sha256}), coverage (N'/N), reference,
+         rounds (JSON {name: round}: each participant's latest, the top-level aligned.h5)
 """
 from __future__ import annotations
 
@@ -81,6 +82,7 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
             raise CooptError(f"{where}: shard/skipped lists samples outside its shard")
         return {"name": name, "path": path, "sha256": digest, "shard": matches[0], "dim": tg.shape[1],
                 "reference": str(f.attrs["reference"]), "target_dtype": td,
+                "round": int(f.attrs.get("round", 0)),  # 0: aligned before rounds were recorded there
                 "scale": f[scale_key][:] if scale_key else None,
                 "sum": f["stats/sum"][:], "sumsq": f["stats/sumsq"][:], "keep": ~np.isin(idx, skipped)}
 
@@ -128,6 +130,7 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
     std = np.sqrt(np.maximum(ss / len(index) - mean**2, 0.0))
     hold_images = ds.images is not None and ds.images[:1].nbytes * len(index) <= MAX_IMAGE_BYTES
     inputs = {str(u["path"].relative_to(run)): u["sha256"] for u in ups}
+    rounds = {u["name"]: u["round"] for u in ups}
 
     def fill(f: h5py.File) -> None:
         for k, v in store.provenance(
@@ -135,6 +138,7 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
             limit=-1 if plan.get("limit") is None else int(plan["limit"]),
             fingerprint=json.dumps(plan["fingerprint"]), dim=int(dim), target_dtype=td,
             inputs=json.dumps(inputs), coverage=len(index) / n_total, reference=ups[0]["reference"],
+            rounds=json.dumps(rounds),
         ).items():
             f.attrs[k] = v
         store.create_contiguous(f, "targets", (len(index), dim), codec.storage_dtype(td))
@@ -162,6 +166,7 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
     return {
         "path": str(run / "merged.h5"), "rows": int(len(index)), "dim": int(dim), "participants": [u["name"] for u in ups],
         "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images), "target_dtype": td,
+        "rounds": rounds,
         "seconds": time.perf_counter() - t0,
     }
 
