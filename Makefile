@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test bench
+.PHONY: setup data demo test bench paper paper-quick
 
 setup: $(VENV)/.installed
 
@@ -29,3 +29,10 @@ test: setup data
 bench: setup data
 	$(PY) bench/bench_uniformity.py
 	$(PY) bench/bench_align.py
+
+# Does COOPT pay off? (bench/paper.py; README "Does it pay off?"). Jobs are cached in runs/paper*.
+paper-quick: setup data
+	$(PY) bench/paper.py --quick
+
+paper: setup data
+	$(PY) bench/paper.py

@@ -98,7 +98,7 @@ class Scale:
 
 FULL = Scale("full")
 QUICK = Scale("quick", seeds=(0,), d_size=1000, p_start=58000, probe_train=2000, probe_test=2000,
-              prior_epochs=2, r18_epochs=1, fractions=(0.01, 0.05, 0.2))
+              prior_epochs=2, r18_epochs=1, fractions=(0.01, 0.05, 0.2), collab_ks=(1, 2), ssl_snapshots=6)
 
 # The participants' priors, all trained on P (recipe, the training run it comes from).
 # `-early` priors are the 1st of 4 snapshots of the full run: a quarter of it, not annealed.
@@ -469,6 +469,8 @@ def table2_result(work: Path, sc: Scale, env: dict) -> dict:
                 target = a["curve"][-1]["linear"]
                 t = R.time_to_reach([(p["seconds"], p["linear"]) for p in s["curve"]], target)
                 rows.append({"seed": a["seed"], "target": target, "seconds": t, "budget": s["budget"],
+                             # reached at SSL's first probe: the true time is at most this
+                             "at_first_probe": t is not None and t == s["curve"][0]["seconds"],
                              "speedup": None if t is None else t / a["t_coopt"],
                              "speedup_all_in": None if t is None else t / a["t_all_in"],
                              "speedup_at_least": None if t is not None else s["budget"] / a["t_coopt"]})
@@ -486,6 +488,7 @@ def table2_result(work: Path, sc: Scale, env: dict) -> dict:
                 "seconds": R.mean_std([r["seconds"] for r in reached]),
                 "speedup": R.mean_std([r["speedup"] for r in reached]),
                 "speedup_all_in": R.mean_std([r["speedup_all_in"] for r in reached]),
+                "at_first_probe": sum(r["at_first_probe"] for r in rows),
                 "not_reached_within": None if reached else f"{sc.ssl_multiple:g}x"}
             res["equal_time"][arm][m] = {"per_seed": eqs, "delta_linear": R.mean_std([e["delta_linear"] for e in eqs]),
                                          "delta_knn": R.mean_std([e["delta_knn"] for e in eqs])}
@@ -666,11 +669,15 @@ def fig3c_result(work: Path, sc: Scale, env: dict, priors: dict) -> dict:
     for s in SCORES:
         rhos = [R.spearman([ps["scores"][nm][s] for nm in names], acc) for ps in per_seed]
         spear[s] = {"rho": R.mean_std(rhos), "per_seed": rhos, "sign": SCORE_SIGN[s]}
+    knn = [r["knn"] for r in rows]
+    spear_knn = {s: {"rho": R.mean_std([R.spearman([ps["scores"][nm][s] for nm in names], knn) for ps in per_seed])}
+                 for s in SCORES}
     boot = R.bootstrap_spearman({s: [[ps["scores"][nm][s] for nm in names] for ps in per_seed] for s in SCORES},
                                 acc, n_boot=2000, seed=0, sign=SCORE_SIGN)
     best = max(SCORES, key=lambda s: boot["agreement"][s]["point"])
     labels = {"scores": {s: float(np.mean([ps["scores"]["labels"][s] for ps in per_seed])) for s in SCORES}}
     return {"env": env, "seeds": list(sc.seeds), "score_names": list(SCORES), "priors": rows, "spearman": spear,
+            "spearman_knn": spear_knn,
             "bootstrap": boot, "best_score": best, "labels": labels,
             "setting": f"{len(names)} priors trained on P (or random); scores on each seed's S "
                        f"(|S| = {per_seed[0]['shared_size']}); accuracy = the prior's own linear probe"}
@@ -747,6 +754,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", help="scratch folder (default runs/paper or runs/paper-quick); jobs cached there")
     ap.add_argument("--results", help="where paper.json/.md/.png go (default bench/results; --quick: WORK/results)")
     ap.add_argument("--only", help=f"comma-separated experiments from {','.join(R.EXPERIMENTS)}")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild paper.json/.md/.png from the cached jobs (keeps the recorded run's wall time)")
     args = ap.parse_args(argv)
 
     sc = QUICK if args.quick else FULL
@@ -762,6 +771,14 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     env0 = environment()
     log(f"{sc.name} run, seeds {list(sc.seeds)}, work {work}; {env0['hardware']}; load {env0['load_average']}")
+
+    out_json = results / "paper.json"
+    if args.report_only:
+        if not (work / "priors.json").exists() or not out_json.exists():
+            ap.error(f"--report-only: no finished run in {work} / {out_json}")
+        old = json.loads(out_json.read_text())
+        priors = prior_table_loaded(work)
+        return report(work, sc, priors, results, only, old["meta"], quick=args.quick)
 
     # 1. priors, timed alone (their seconds are the all-in accounting)
     priors = prior_table(work, sc)
@@ -811,11 +828,18 @@ def main(argv=None) -> int:
     run_pool(work, [j for j in unique if j[1] != "probe_ckpt" and not j[0].startswith("scores")])
 
     # 4. results
-    env = environment()
-    out_json = results / ("paper.json" if not args.quick else "paper.json")
-    result = json.loads(out_json.read_text()) if out_json.exists() and args.only else {}
-    result["meta"] = {"env": env, "env_at_start": env0, "quick": args.quick, "seeds": list(sc.seeds),
-                      "scale": asdict(sc), "wall_seconds": time.perf_counter() - T_START,
+    meta = {"env": environment(), "env_at_start": env0, "wall_seconds": time.perf_counter() - T_START}
+    if args.only and out_json.exists():  # a subset: the other experiments stay as they were
+        meta["partial_rerun"] = sorted(only)
+    return report(work, sc, priors, results, only, meta, quick=args.quick, merge_with=bool(args.only))
+
+
+def report(work: Path, sc: Scale, priors: dict, results: Path, only: set, meta: dict, quick: bool,
+           merge_with: bool = True) -> int:
+    out_json = results / "paper.json"
+    env = meta["env"]
+    result = json.loads(out_json.read_text()) if out_json.exists() and merge_with else {}
+    result["meta"] = {**meta, "quick": quick, "seeds": list(sc.seeds), "scale": asdict(sc),
                       "priors": {k: {kk: v[kk] for kk in ("recipe", "seconds", "run")} for k, v in priors.items()},
                       "arms": {"label_free": list(LABEL_FREE), "label_using": list(LABEL_USING)},
                       "setting": f"D = first {sc.d_size} Fashion-MNIST train images; priors trained on train images "
@@ -833,7 +857,7 @@ def main(argv=None) -> int:
     _write_json(out_json, result)
     (results / "paper.md").write_text(R.markdown(result))
     figs = R.plots(result, results)
-    log(f"wrote {out_json}, {results / 'paper.md'}, {len(figs)} figures; wall {time.perf_counter() - T_START:.0f} s")
+    log(f"wrote {out_json}, {results / 'paper.md'}, {len(figs)} figures; run wall {meta['wall_seconds']:.0f} s")
     if missing:
         log(f"incomplete: {', '.join(missing)} (run the missing experiments to complete paper.json)")
     print(R.markdown(result))
