@@ -67,7 +67,10 @@ def command(fn):
 
 
 def emit(summary: dict, as_json: bool, table=None) -> None:
-    """--json: the summary on stdout; otherwise the rich table (if any) on stderr."""
+    """--json: the summary on stdout; otherwise the rich table (if any) on stderr. The summary's
+    "warnings" go to stderr, one line each, either way."""
+    for w in summary.get("warnings") or []:
+        print(f"warning: {w}", file=sys.stderr)
     if as_json:
         print(json.dumps(summary, indent=2, default=str))
     elif table is not None:

@@ -33,7 +33,9 @@ def demo(
                      device=device, seed=seed)
     s = run_demo(cfg, progress=not quiet)
     g = s["inconsistency"]
-    parts = Table(title=f"participants (* = reference); inconsistency G {g['before']:.3f} before alignment, {g['after']:.3f} after")
+    ref = "the consensus of all" if s["reference"] == "consensus" else "* = reference"
+    parts = Table(title=f"participants, aligned to {ref}; target inconsistency G (two-sample TV lower bound) "
+                        f"{g['before']:.3f} before alignment, {g['after']:.3f} after")
     for c in ("participant", "prior", "dim", "U on S", "residual"):
         parts.add_column(c)
     for r in s["participants"]:

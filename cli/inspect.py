@@ -14,8 +14,10 @@ def inspect(
 ):
     """U, fit residuals and the target inconsistency G before/after alignment; plots RUN/inspect.png."""
     s = coopt_fast.inspect(run, plot=not no_plot)
-    g = s["inconsistency"]
-    t = Table(title=f"G before alignment {g['before']:.3f} -> after {g['after']:.3f}")
+    g, ci = s["inconsistency"], s["inconsistency_ci95"]
+    t = Table(title=f"G (two-sample TV lower bound, 95% CI) before alignment {g['before']:.3f} "
+              f"[{ci['before'][0]:.3f}, {ci['before'][1]:.3f}] -> after {g['after']:.3f} "
+              f"[{ci['after'][0]:.3f}, {ci['after'][1]:.3f}]")
     for c in ("participant", "prior", "dim", "U on S", "residual"):
         t.add_column(c)
     for r in s["participants"]:

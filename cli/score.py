@@ -2,6 +2,7 @@ import typer
 from rich.table import Table
 
 import coopt_fast
+from coopt_fast.scores import DEFAULT_SCORE, SCORES
 
 from .app import command, emit
 
@@ -9,13 +10,20 @@ from .app import command, emit
 @command
 def score(
     run: str = typer.Argument(..., help="run folder"),
+    by: str = typer.Option(DEFAULT_SCORE, "--by", help=f"rank by {' | '.join(SCORES)} (align --score uses the same)"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
 ):
-    """Rank the participants' priors by uniformity U on the shared set S (lower = better prior)."""
-    s = coopt_fast.score(run)
-    t = Table(title="priors ranked by uniformity on S (lower is better)")
-    for c in ("rank", "participant", "prior", "dim", "rows", "U on S"):
+    """Rank the participants' priors by label-free scores on the shared set S.
+
+    uniformity (the paper's; lower = better) is biased on post-ReLU features and always picks
+    one-hot labels; uniformity-centred (the default; lower = better) scores the spread around
+    the mean; effective-rank (higher = more directions used) is what the targets can span.
+    """
+    s = coopt_fast.score(run, by=by)
+    t = Table(title=f"priors ranked by {by} on S; `align --reference best --score {by}` picks {s['best']}")
+    for c in ("rank", "participant", "prior", "dim", "rows", "U on S", "centred U", "effective rank"):
         t.add_column(c)
     for r in s["participants"]:
-        t.add_row(str(r["rank"]), r["participant"], r["prior"], str(r["feature_dim"]), f"{r['rows']:,}", f"{r['uniformity']:.4f}")
+        t.add_row(str(r["rank"]), r["participant"], r["prior"], str(r["feature_dim"]), f"{r['rows']:,}",
+                  f"{r['uniformity']:.4f}", f"{r['uniformity_centred']:.4f}", f"{r['effective_rank']:.1f}")
     emit(s, json_out, t)

@@ -1,7 +1,11 @@
 """Step 2b: bring every participant's features into one n-dim space (DESIGN §3).
 
 W_k: seeded Gaussian l_k x n, entries N(0, 1/n) (Johnson-Lindenstrauss); seed recorded.
-Reference: lowest U on S (ties by name), a named participant, or none (W only).
+Reference (README "How the reference is chosen, and why"): "consensus", the default: S* = the
+top-n principal directions of all participants' projected features on S, each centred and scaled
+to equal weight, so no one prior (one-hot labels included) decides the space alone, and every
+participant is fitted to it; "best": the best prior by a score on S (coopt_fast.scores; --score
+uniformity is the paper's choice); a named participant; or none (W only).
 T_k = argmin ||F_k(S) W_k T - S*||^2 (+ ridge), map_k = W_k T_k, Y_k = F_k(D_k) map_k.
 
 Writes RUN/participants/NAME/aligned.h5:
@@ -21,11 +25,13 @@ import numpy as np
 import torch
 
 from . import codec, store
+from . import scores as prior_scores
 from .errors import CooptError, DiskFullError, disk_guard
 from .extract import check_name, participant_dir
 from .plan import load_plan
 from .progress import bar
 
+CONSENSUS = "consensus"
 APPLY_BLOCK_ROWS = 32768  # rows per grouped launch: 32k x 2048 fp16 = 128 MiB of features at most
 RIDGE_AUTO_FACTOR = 1e-2  # ridge relative to mean squared singular value of F(S)W, when |S| < 4 l_k
 
@@ -70,39 +76,73 @@ def fit_map(fs: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ridge: floa
     return (w.double() @ t).float(), float(ridge)
 
 
-def _read_published(run: Path, name: str) -> dict:
-    """What participant `name` has published: its uniformity (features.h5 attrs only)."""
+def _shared_features(run: Path, name: str) -> torch.Tensor:
+    """A participant's published features on S, the rows it could decode."""
     with store.open_complete(participant_dir(run, name) / "features.h5", "features") as f:
-        return {"uniformity": float(f.attrs["uniformity"]), "prior": str(f.attrs["prior"])}
+        ok = ~np.isin(f["shared/index"][:], f["shared/skipped"][:])
+        return torch.from_numpy(f["shared/features"][:][ok].astype(np.float32))
 
 
-def choose_reference(run: Path, names: list[str], reference: str) -> str | None:
+def scores_on_s(run: Path, names: list[str]) -> dict[str, dict[str, float]]:
+    """name -> every score of coopt_fast.scores on its published features on S."""
+    return {nm: prior_scores.all_scores(_shared_features(run, nm)) for nm in names}
+
+
+def choose_reference(run: Path, names: list[str], reference: str, score: str = prior_scores.DEFAULT_SCORE) -> str | None:
+    if score not in prior_scores.SCORES:
+        raise CooptError(f"--score: unknown score {score!r}; choose from {', '.join(prior_scores.SCORES)}")
     if reference == "none":
         return None
+    if reference == CONSENSUS:
+        if CONSENSUS in names:
+            raise CooptError(f"--reference {CONSENSUS} is ambiguous: a participant is named {CONSENSUS!r}")
+        return CONSENSUS
     if reference != "best":
         check_name(reference)
         if not (participant_dir(run, reference) / "features.h5").exists():
             raise CooptError(f"--reference {reference}: no such participant with features in {run}")
         return reference
-    scores = {nm: _read_published(run, nm)["uniformity"] for nm in names}
-    finite = {nm: u for nm, u in scores.items() if np.isfinite(u)}
-    if not finite:
-        raise CooptError(f"{run}: no participant has a finite uniformity on S")
-    return min(finite, key=lambda nm: (finite[nm], nm))
+    values = {nm: prior_scores.compute(_shared_features(run, nm), score) for nm in names}
+    ref = prior_scores.best(values, score)
+    if ref is None:
+        raise CooptError(f"{run}: no participant has a finite {score} on S")
+    return ref
+
+
+def reference_warnings(run: Path, ref: str | None, dim: int, s_star: torch.Tensor | None = None) -> list[str]:
+    """The reference spans the target space: say so when it uses fewer directions than --dim.
+    s_star: the consensus S* on the rows of S everyone decoded (ref == CONSENSUS)."""
+    if ref is None:
+        return []
+    if ref == CONSENSUS:
+        er = prior_scores.effective_rank(s_star.numpy())
+    else:
+        er = prior_scores.effective_rank(_shared_features(run, ref).numpy())
+    if er >= dim:
+        return []
+    msg = f"reference {ref} has effective rank {er:.1f} on S, below --dim {dim}: the targets use about {er:.0f} of {dim} dims"
+    if ref != CONSENSUS:
+        msg += (" and every other participant is fitted into its space (one-hot labels or a collapsed prior "
+                "there lose the others' information: --reference consensus keeps them)")
+    return [msg]
 
 
 def align(
     run: str | Path,
     dim: int = 512,
     participant: str | None = None,
-    reference: str = "best",
+    reference: str = "consensus",
     ridge: float | None = None,
     target_dtype: str = "float16",
     progress: bool = True,
+    score: str = prior_scores.DEFAULT_SCORE,
 ) -> dict:
     """Align one participant (local mode) or all of them; write each aligned.h5.
 
+    reference "best" takes the participant with the best `score` on S (coopt_fast.scores).
     target_dtype: how the uploaded targets are stored (see coopt_fast.codec).
+    The summary's "warnings" (also printed by the CLI) name a reference of low effective rank
+    and fits with fewer rows of S than feature dims (under-determined: the ridge decides).
     """
     from .kernels import align_apply
 
@@ -117,7 +157,9 @@ def align(
     if participant is not None and participant not in everyone:
         check_name(participant)
         raise CooptError(f"{participant_dir(run, participant) / 'features.h5'}: not found (run extract first)")
-    ref = choose_reference(run, everyone, reference)
+    ref = choose_reference(run, everyone, reference, score)
+    s_star, ref_ok = consensus_targets(run, everyone, dim) if ref == CONSENSUS else (None, None)
+    warnings = reference_warnings(run, ref, dim, None if s_star is None else s_star[ref_ok])
     todo = [participant] if participant else everyone
     # The reference aligns first: its stored (float16) shared targets are S* for everyone, in
     # local and in all-participants mode alike, so both modes give the same bits.
@@ -125,7 +167,7 @@ def align(
         todo = [ref] + [p for p in todo if p != ref]
     t0 = time.perf_counter()
 
-    fits, s_star, ref_ok = {}, None, None
+    fits = {}
     for name in todo:
         fpath = participant_dir(run, name) / "features.h5"
         with store.open_complete(fpath, "features") as f:
@@ -146,13 +188,17 @@ def align(
             if int(use.sum()) < 2 and not ridge:
                 raise CooptError(f"{fpath}: S has {int(use.sum())} usable rows, too few for a fit without --ridge")
             m, lam = fit_map(fs[use], w, s_star[use], ridge)
+            if int(use.sum()) < fs.shape[1]:
+                warnings.append(f"{name}: {int(use.sum())} usable rows of S for {fs.shape[1]} feature dims, "
+                                f"an under-determined fit (ridge {lam:.3g} applied; a larger S fits better)")
         shared_t = align_apply([fs.half()], [m])[0][0]
         if name == ref:
             s_star, ref_ok = shared_t.float(), ok
         # The reference (and --reference none) fits nothing: residual 0 by definition.
         residual = 0.0 if ref is None or name == ref else float(
             (fs[use] @ m - s_star[use]).norm() / s_star[use].norm().clamp_min(1e-30))
-        fits[name] = dict(w=w, map=m, ridge=lam, seed=seed, shared=shared_t, residual=residual, meta=meta)
+        fits[name] = dict(w=w, map=m, ridge=lam, seed=seed, shared=shared_t, residual=residual, meta=meta,
+                          s_star=s_star_id(None if ref is None else s_star))
 
     with contextlib.ExitStack() as locks:  # one writer per aligned.h5
         for nm in fits:
@@ -167,9 +213,54 @@ def align(
          "reference": nm == ref, "round": ft["meta"]["round"]}
         for nm, ft in fits.items()
     ]
-    return {"reference": ref, "dim": dim, "target_dtype": target_dtype,
+    return {"reference": ref, "score": score if reference == "best" else None, "warnings": warnings,
+            "dim": dim, "target_dtype": target_dtype,
             "bytes_per_row": codec.bytes_per_row(target_dtype, dim), "participants": rows,
             "seconds": time.perf_counter() - t0}
+
+
+def consensus_targets(run: Path, names: list[str], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """S* [|S|, dim] shared by every participant, and the rows of S all of them decoded.
+
+    Each participant's projected features on S (F_k(S) W_k, the same W_k as its fit) are
+    centred and scaled to unit Frobenius norm, so each weighs the same whatever its scale or
+    dimension; S* = the top-dim principal directions of their concatenation (U Σ), spread over
+    all dim columns by a seeded Gaussian when S has fewer directions than dim, and scaled to unit
+    RMS (float16 targets keep their precision). Deterministic: any machine computes the same S*
+    from the published features on S.
+    """
+    seed = load_plan(run)["seed"]
+    blocks, ok = [], None
+    for nm in names:
+        with store.open_complete(participant_dir(run, nm) / "features.h5", "features") as f:
+            fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
+            dec = torch.from_numpy(~np.isin(f["shared/index"][:], f["shared/skipped"][:]))
+        ok = dec if ok is None else ok & dec
+        blocks.append(fs.double() @ projection(fs.shape[1], dim, projection_seed(seed, nm)).double())
+    if int(ok.sum()) < 2:
+        raise CooptError(f"{run}: fewer than 2 rows of S decoded by every participant; no consensus to fit")
+    z = []
+    for b in blocks:
+        b = b[ok] - b[ok].mean(0)
+        z.append(b / b.norm().clamp_min(1e-30))
+    u, sv, _ = torch.linalg.svd(torch.cat(z, 1), full_matrices=False)
+    k = min(dim, len(sv))
+    t = u[:, :k] * sv[:k]
+    if k < dim:
+        g = torch.Generator().manual_seed(seed)
+        t = t @ (torch.randn(k, dim, generator=g, dtype=torch.float64) / np.sqrt(dim))
+    t = t / t.square().mean().sqrt().clamp_min(1e-30)
+    s_star = torch.zeros(len(ok), dim, dtype=torch.float64)
+    s_star[ok] = t
+    return s_star.float(), ok
+
+
+def s_star_id(s_star: torch.Tensor | None) -> str:
+    """Names the S* a participant was fitted to: merge refuses uploads fitted to different ones
+    (after an upgrade, with the consensus, everyone's fit is stale until everyone realigns)."""
+    if s_star is None:
+        return "none"
+    return hashlib.sha256(s_star.float().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def _reference_targets(run: Path, ref: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +283,7 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
             srcs[name] = store.open_complete(participant_dir(run, name) / "features.h5", "features")
             identity = {"participant": name, "reference": ref or "none", "dim": int(dim), "ridge": float(ft["ridge"]),
                         "projection_seed": int(ft["seed"]), "features_sha256": _features_id(srcs[name]),
-                        "target_dtype": td}
+                        "target_dtype": td, "s_star": ft["s_star"]}
             path = participant_dir(run, name) / "aligned.h5"
             f, _ = store.open_partial(path, identity)
             for key in ("shard/index", "shared/index", "shard/skipped", "shared/skipped"):
@@ -210,7 +301,7 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
             if "stats/running" not in f:
                 f.create_dataset("stats/running", data=np.zeros(2 * dim + 2))
             _resume_stats(f, tgt)
-            f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"],
+            f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"], "s_star": ft["s_star"],
                             "uniformity": ft["meta"]["uniformity"], "round": ft["meta"]["round"]})
             outs[name] = (f, tgt, path)
         total = sum(srcs[nm]["shard/features"].shape[0] for nm in fits)
@@ -296,23 +387,28 @@ def _features_id(f) -> str:
     return f"{f.attrs['participant']}|{f.attrs['prior']}|{f.attrs['seed']}|{f.attrs['created']}"
 
 
-def score(run: str | Path) -> dict:
-    """Rank participants by U on S (lower is better), recomputed from the stored shared features."""
-    from .kernels import uniformity
-
+def score(run: str | Path, by: str = prior_scores.DEFAULT_SCORE) -> dict:
+    """Every participant's scores on S (recomputed from the stored shared features), ranked by `by`;
+    "picks": the participant each score would choose as the reference."""
+    if by not in prior_scores.SCORES:
+        raise CooptError(f"--by: unknown score {by!r}; choose from {', '.join(prior_scores.SCORES)}")
     run = Path(run)
     names = participants(run)
     if not names:
         raise CooptError(f"{run}: no participant has extracted features yet")
+    values = scores_on_s(run, names)
     rows = []
     for nm in names:
         with store.open_complete(participant_dir(run, nm) / "features.h5", "features") as f:
-            fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
             rows.append({"participant": nm, "prior": str(f.attrs["prior"]), "feature_dim": int(f.attrs["feature_dim"]),
-                         "rows": int(f["shard/features"].shape[0]), "shared_rows": len(fs),
-                         "uniformity": float(uniformity(fs)) if len(fs) >= 2 else float("nan"),
+                         "rows": int(f["shard/features"].shape[0]), "shared_rows": int(f["shared/features"].shape[0]),
+                         **{k.replace("-", "_"): v for k, v in values[nm].items()},
                          "published_uniformity": float(f.attrs["uniformity"])})
-    order = sorted(rows, key=lambda r: (not np.isfinite(r["uniformity"]), r["uniformity"], r["participant"]))
+    key = by.replace("-", "_")
+    sign = prior_scores.SCORES[by]
+    order = sorted(rows, key=lambda r: (not np.isfinite(r[key]), sign * r[key] if np.isfinite(r[key]) else 0,
+                                        r["participant"]))
     for rank, r in enumerate(order, 1):
         r["rank"] = rank
-    return {"participants": order, "best": order[0]["participant"]}
+    picks = {sc: prior_scores.best({nm: v[sc] for nm, v in values.items()}, sc) for sc in prior_scores.SCORES}
+    return {"participants": order, "by": by, "best": picks[by], "picks": picks}

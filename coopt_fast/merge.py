@@ -82,6 +82,7 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
             raise CooptError(f"{where}: shard/skipped lists samples outside its shard")
         return {"name": name, "path": path, "sha256": digest, "shard": matches[0], "dim": tg.shape[1],
                 "reference": str(f.attrs["reference"]), "target_dtype": td,
+                "s_star": str(f.attrs.get("s_star", "")),  # "": aligned before S* was recorded
                 "round": int(f.attrs.get("round", 0)),  # 0: aligned before rounds were recorded there
                 "scale": f[scale_key][:] if scale_key else None,
                 "sum": f["stats/sum"][:], "sumsq": f["stats/sumsq"][:], "keep": ~np.isin(idx, skipped)}
@@ -106,6 +107,10 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
     td = tds.pop()
     if len(refs) > 1:
         raise CooptError(f"{run}: uploads were aligned to different references: " + ", ".join(f"{u['name']}={u['reference']}" for u in ups))
+    if len({u["s_star"] for u in ups if u["s_star"]}) > 1:
+        raise CooptError(f"{run}: uploads were fitted to different S* (a participant's features changed since the "
+                         f"others aligned): " + ", ".join(f"{u['name']}={u['s_star'][:8]}" for u in ups)
+                         + "; rerun align for every participant")
     by_shard: dict[int, dict] = {}
     for u in ups:
         if u["shard"] in by_shard:

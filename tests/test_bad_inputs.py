@@ -402,7 +402,8 @@ def test_dataset_changed_since_split(tmp_path, cmd):
 
 @pytest.mark.parametrize("reference, names", [
     ("a", ("participants/b/features.h5", "S has 1 usable rows", "--ridge")),
-    ("best", ("no participant has a finite uniformity on S",)),
+    ("best", ("no participant has a finite uniformity-centred on S",)),
+    ("consensus", ("fewer than 2 rows of S decoded by every participant",)),
 ])
 def test_shared_set_too_small_without_ridge(tmp_path, reference, names):
     spec = make_npy(tmp_path / "data", n=200)

@@ -35,9 +35,12 @@ def test_pipeline_through_the_cli(tmp_path):
         assert r.exit_code == 0, r.output
         assert json.loads(r.stdout)["rows"] == 150
     r = invoke("score", run, "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout)["best"] == "p0"
-    r = invoke("align", run, "--dim", "16", "--quiet", "--json")
-    assert r.exit_code == 0 and json.loads(r.stdout)["reference"] == "p0", r.output
+    assert r.exit_code == 0 and json.loads(r.stdout)["picks"]["uniformity"] == "p0"  # one-hot labels win raw U
+    best = json.loads(r.stdout)["best"]
+    r = invoke("align", run, "--dim", "16", "--reference", "best", "--quiet", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["reference"] == best, r.output
+    r = invoke("align", run, "--dim", "16", "--quiet", "--json")  # the default: everyone fitted to the consensus
+    assert r.exit_code == 0 and json.loads(r.stdout)["reference"] == "consensus", r.output
     r = invoke("merge", run, "--quiet", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["rows"] == 300
     r = invoke("inspect", run, "--json", "--no-plot")

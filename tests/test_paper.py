@@ -76,16 +76,6 @@ def test_bootstrap_spearman_signs_intervals_and_paired_differences():
     assert again["agreement"]["u"] == b["agreement"]["u"]  # seeded
 
 
-def test_effective_rank_counts_the_directions_used():
-    rng = np.random.default_rng(0)
-    assert R.effective_rank(rng.standard_normal((4000, 8))) == pytest.approx(8, rel=0.02)
-    line = np.outer(rng.standard_normal(100), rng.standard_normal(16))
-    assert R.effective_rank(line) == pytest.approx(1.0, abs=1e-6)
-    onehot = np.eye(10)[np.arange(1000) % 10]          # balanced one-hot labels: a 9-dim simplex
-    assert R.effective_rank(onehot) == pytest.approx(9.0, abs=1e-6)
-    assert R.effective_rank(np.ones((5, 3))) == 0.0
-
-
 def test_mean_std_keeps_the_values_and_skips_missing_ones():
     m = R.mean_std([0.8, 0.9, None])
     assert m["mean"] == pytest.approx(0.85) and m["std"] == pytest.approx(0.0707, abs=1e-4)
