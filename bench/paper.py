@@ -9,7 +9,11 @@ Experiments (keys of paper.json; DESIGN.md §3 for the math):
           label-free: none did) against BYOL and SimCLR of the same convnet on the same images,
           each SSL run to 4x COOPT's wall time; every run probed at 6 points (train/pretrain
           --snapshots); plus each SSL method annealed within COOPT's time (equal time).
-  fig4d   reference none (projection only) / worst / medium / best prior (ranked by U on S).
+  fig4d   the label-free arm aligned to each participant in turn, or to none (projection only):
+          student accuracy, store effective rank, G before/after (kNN and linear estimators),
+          and which reference each score on S would pick.
+  refchoice  the same for the label-using arm and table5's +labels arm, for the reference each
+          score picks: does the default score choose well, and does the store keep its rank?
   fig3c   >= 8 priors of varied quality: own linear-probe accuracy vs label-free scores on S
           (the paper's uniformity, uniformity of centred features, effective rank); Spearman
           and a bootstrap over priors.
@@ -58,6 +62,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import paper_report as R  # noqa: E402
+from coopt_fast import scores as prior_scores  # noqa: E402
 from coopt_fast.align import align, score  # noqa: E402
 from coopt_fast.data import Dataset, load_dataset  # noqa: E402
 from coopt_fast.demo import _extract_in_parallel  # noqa: E402
@@ -122,8 +127,10 @@ TABLE5 = {"base": LABEL_FREE, "+labels": LABEL_FREE + ("labels",),
 # Rounds: everyone starts with a random convnet of its own; one upgrade per round.
 ROUND_START = ("random", "random", "random", "random")
 ROUND_UPGRADES = ((0, "byol-early"), (1, "simclr-early"), (2, "simclr"), (3, "byol"), (0, "byol"))
-SCORES = ("uniformity", "uniformity_centred", "effective_rank")
-SCORE_SIGN = {"uniformity": -1, "uniformity_centred": -1, "effective_rank": 1}  # +1: higher = better
+SCORES = tuple(prior_scores.SCORES)  # the library's (coopt_fast.scores)
+SCORE_SIGN = {s: -v for s, v in prior_scores.SCORES.items()}  # +1: higher = better
+REFCHOICE_ARMS = ("label_using", "t5-labels")  # label_free: fig4d aligns to every participant
+FIG4D_REFS = ["none"] + [f"p{i}-{nm}" for i, nm in enumerate(LABEL_FREE)] + ["consensus"]
 
 
 # ---- environment, logging, the job cache --------------------------------------------------------
@@ -300,7 +307,7 @@ def participant_names(names) -> list[str]:
 
 
 def data_side(run: Path, sc: Scale, priors: dict, names, seed: int, fraction: float | None = None,
-              parallel: bool = True, reference: str = "best") -> dict:
+              parallel: bool = True, reference: str = "consensus") -> dict:
     """split -> extract (parallel processes, or in this process) -> score -> align -> merge; timed."""
     if run.exists():
         shutil.rmtree(run)
@@ -492,6 +499,25 @@ def table2_result(work: Path, sc: Scale, env: dict) -> dict:
                 "not_reached_within": None if reached else f"{sc.ssl_multiple:g}x"}
             res["equal_time"][arm][m] = {"per_seed": eqs, "delta_linear": R.mean_std([e["delta_linear"] for e in eqs]),
                                          "delta_knn": R.mean_std([e["delta_knn"] for e in eqs])}
+    # The other way round: when does COOPT reach what the SSL method ends at after 4x the time?
+    res["coopt_to_ssl_final"] = {}
+    for arm in ("label_using", "label_free"):
+        res["coopt_to_ssl_final"][arm] = {}
+        for m in ("byol", "simclr"):
+            rows = []
+            for a, s in zip(res[arm]["per_seed"], res[m]["per_seed"]):
+                target, t_ssl = s["curve"][-1]["linear"], s["curve"][-1]["seconds"]
+                t = R.time_to_reach([(p["seconds"], p["linear"]) for p in a["curve"]], target)
+                rows.append({"seed": a["seed"], "target": target, "ssl_seconds": t_ssl, "seconds": t,
+                             "at_first_probe": t is not None and t == a["curve"][0]["seconds"],
+                             "fraction_of_ssl_time": None if t is None else t / t_ssl})
+            reached = [r for r in rows if r["seconds"] is not None]
+            res["coopt_to_ssl_final"][arm][m] = {
+                "per_seed": rows, "n": len(rows), "reached": len(reached),
+                "target": R.mean_std([r["target"] for r in rows]),
+                "ssl_seconds": R.mean_std([r["ssl_seconds"] for r in rows]),
+                "seconds": R.mean_std([r["seconds"] for r in reached]),
+                "fraction_of_ssl_time": R.mean_std([r["fraction_of_ssl_time"] for r in reached])}
     return res
 
 
@@ -546,23 +572,12 @@ def effective_rank_of_store(run: Path) -> float:
 
     with h5py.File(run / "merged.h5", "r") as f:
         y = f["targets"][:].astype(np.float32)
-    return R.effective_rank(y)
+    return prior_scores.effective_rank(y)
 
 
-def fig4d_job(work: str, sc: Scale, seed: int, kind: str) -> dict:
-    """Align the label-free arm's features to another reference (or none); G before/after."""
-    work = Path(work)
-    src = Path(load_job(work, f"t2-s{seed}-label_free")["run"])
-    ranked = [r["participant"] for r in score(src)["participants"]]  # best (lowest U) first
-    ref = {"none": "none", "worst": ranked[-1], "medium": ranked[len(ranked) // 2], "best": ranked[0]}[kind]
-    if kind == "best":  # the table2 arm itself: same store, same student, same seed
-        ins = inspect(src, plot=False)
-        t2 = load_job(work, f"t2-s{seed}-label_free")
-        p = load_job(work, probe_name(t2["snapshots"][-1]["path"]))
-        return {"seed": seed, "kind": kind, "reference": ref, "g_before": ins["inconsistency"]["before"],
-                "g_after": ins["inconsistency"]["after"], "linear": p["linear"], "knn": p["knn"],
-                "loss": t2["trace"][-1][1], "trace": t2["trace"]}
-    base = work / f"s{seed}" / f"fig4d-{kind}"
+def realign(src: Path, base: Path, sc: Scale, seed: int, reference: str) -> dict:
+    """Copy a finished run's features, align them to `reference` (a participant, or none), merge,
+    train and probe a fresh student: everything but the reference held fixed."""
     if base.exists():
         shutil.rmtree(base)
     run = base / "run"
@@ -574,13 +589,51 @@ def fig4d_job(work: str, sc: Scale, seed: int, kind: str) -> dict:
         manifest = json.loads((pdir / "manifest.json").read_text())
         (run / "participants" / pdir.name / "manifest.json").write_text(
             json.dumps({"features.h5": manifest["features.h5"]}))
-    al = align(run, dim=sc.dim, reference=ref, progress=False)
+    al = align(run, dim=sc.dim, reference=reference, progress=False)
     merge(run, progress=False)
-    ins = inspect(run, plot=False)
     r = train_and_probe(run, base / "student", sc, seed)
-    return {"seed": seed, "kind": kind, "reference": al["reference"] or "none",
-            "g_before": ins["inconsistency"]["before"], "g_after": ins["inconsistency"]["after"],
+    return {"seed": seed, "reference": al["reference"] or "none", "warnings": al.get("warnings", []),
             "residuals": {p["participant"]: p["residual"] for p in al["participants"]}, **r}
+
+
+def fig4d_job(work: str, sc: Scale, seed: int, reference: str) -> dict:
+    """The label-free arm's features aligned to one participant (or none)."""
+    work = Path(work)
+    src = Path(load_job(work, f"t2-s{seed}-label_free")["run"])
+    return realign(src, work / f"s{seed}" / f"fig4d-{reference}", sc, seed, reference)
+
+
+def g_job(work: str, seed: int, run: str) -> dict:
+    """G before/after alignment of one run, by each two-sample test (MLP: the default)."""
+    out = {"seed": seed, "run": run}
+    for clf in ("mlp", "knn", "linear"):
+        ins = inspect(run, plot=False, classifier=clf)
+        out[clf] = {**ins["inconsistency"], "ci95": ins["inconsistency_ci95"]}
+    return out
+
+
+def refchoice_src(work: Path, arm: str, seed: int) -> Path:
+    if arm == "label_using":
+        return Path(load_job(work, f"t2-s{seed}-label_using")["run"])
+    return work / f"s{seed}" / arm / "run"
+
+
+def refchoice_jobs(work: Path, sc: Scale) -> list:
+    """One realignment per (arm, seed, participant some score picks as the reference)."""
+    jobs = []
+    for s in sc.seeds:
+        for arm in REFCHOICE_ARMS:
+            picks = score(refchoice_src(work, arm, s))["picks"]
+            for ref in sorted(set(picks.values()) | {"consensus"}):
+                jobs.append((f"refchoice-s{s}-{arm}-{ref}", "refchoice_job",
+                             dict(work=str(work), sc=sc, seed=s, arm=arm, reference=ref)))
+    return jobs
+
+
+def refchoice_job(work: str, sc: Scale, seed: int, arm: str, reference: str) -> dict:
+    work = Path(work)
+    return realign(refchoice_src(work, arm, seed), work / f"s{seed}" / f"refchoice-{arm}-{reference}",
+                   sc, seed, reference)
 
 
 def arm_job(work: str, sc: Scale, seed: int, tag: str, names: list, fraction: float | None = None) -> dict:
@@ -628,8 +681,6 @@ def rounds_job(work: str, sc: Scale, seed: int) -> dict:
 
 def scores_job(work: str, sc: Scale, seed: int) -> dict:
     """Every prior's label-free scores on this seed's S (the label-free arm's shared set)."""
-    from coopt_fast.kernels import uniformity
-
     work = Path(work)
     priors = prior_table_loaded(work)
     plan = json.loads((Path(load_job(work, f"t2-s{seed}-label_free")["run"]) / "plan.json").read_text())
@@ -642,9 +693,7 @@ def scores_job(work: str, sc: Scale, seed: int) -> dict:
             f = torch.nn.functional.one_hot(torch.from_numpy(sub.labels), 10).float()
         else:
             f = features(load_frozen(priors[name]["checkpoint"]), sub, torch.device("cpu"), progress=False)
-        out[name] = {"uniformity": float(uniformity(f)),
-                     "uniformity_centred": float(uniformity(f - f.mean(0))),
-                     "effective_rank": R.effective_rank(f.numpy())}
+        out[name] = prior_scores.all_scores(f)
     return {"seed": seed, "shared_size": len(s_idx), "scores": out}
 
 
@@ -693,17 +742,65 @@ def arms_result(work: Path, sc: Scale, jobs: dict[str, list[str]]) -> list[dict]
     return out
 
 
+def _g(work: Path, seed: int, run: Path) -> dict:
+    return load_job(work, f"g-{hashlib.sha256(str(run).encode()).hexdigest()[:12]}")
+
+
+def g_jobs(work: Path, runs: list[tuple[int, Path]]) -> list:
+    return [(f"g-{hashlib.sha256(str(r).encode()).hexdigest()[:12]}", "g_job", dict(work=str(work), seed=s, run=str(r)))
+            for s, r in runs]
+
+
+def fig4d_runs(work: Path, sc: Scale) -> list[tuple[int, str, Path]]:
+    return [(s, k, work / f"s{s}" / f"fig4d-{k}" / "run") for s in sc.seeds for k in FIG4D_REFS]
+
+
+def _realigned_arm(work: Path, name: str, per: list[dict], runs: list[Path], picks: list[dict]) -> dict:
+    """mean ± std over seeds of one realignment: accuracy, store rank, G (both estimators)."""
+    gs = [_g(work, p["seed"], r) for p, r in zip(per, runs)]
+    return {"name": name, "per_seed": per, "linear": R.mean_std([p["linear"] for p in per]),
+            "knn": R.mean_std([p["knn"] for p in per]),
+            "effective_rank": R.mean_std([effective_rank_of_store(r) for r in runs]),
+            "picked_by": sorted({sc_ for pk in picks for sc_, ref in pk.items() if ref == name}),
+            "reference_names": [p["reference"] for p in per],
+            **{f"g_{when}{'' if clf == 'mlp' else '_' + clf}": R.mean_std([g[clf][when] for g in gs])
+               for clf in ("mlp", "knn", "linear") for when in ("before", "after")},
+            "g_after_ci95": [float(np.mean([g["mlp"]["ci95"]["after"][i] for g in gs])) for i in (0, 1)],
+            "loss": R.mean_std([p["loss"] for p in per]), "loss_curve": per[0]["trace"]}
+
+
 def fig4d_result(work: Path, sc: Scale, env: dict) -> dict:
+    picks = [score(Path(load_job(work, f"t2-s{s}-label_free")["run"]))["picks"] for s in sc.seeds]
     arms = []
-    for a in arms_result(work, sc, {k: [f"fig4d-s{s}-{k}" for s in sc.seeds] for k in ("none", "worst", "medium", "best")}):
-        per = a["per_seed"]
-        arms.append({**a, "reference_kind": a["name"], "reference_names": [p["reference"] for p in per],
-                     "g_before": R.mean_std([p["g_before"] for p in per]),
-                     "g_after": R.mean_std([p["g_after"] for p in per]),
-                     "loss": R.mean_std([p["loss"] for p in per]), "loss_curve": per[0]["trace"]})
-    return {"env": env, "seeds": list(sc.seeds), "arms": arms, "participants": list(LABEL_FREE),
-            "setting": "the label-free arm's features, aligned to the reference ranked worst / medium / best "
-                       "by U on S, or not aligned (projection only); G by diagnostics.inspect"}
+    for key in FIG4D_REFS:
+        per = [load_job(work, f"fig4d-s{s}-{key}") for s in sc.seeds]
+        arm = _realigned_arm(work, key, per, [work / f"s{s}" / f"fig4d-{key}" / "run" for s in sc.seeds], picks)
+        arms.append({**arm, "reference_kind": key})
+    return {"env": env, "seeds": list(sc.seeds), "arms": arms, "participants": list(LABEL_FREE), "picks": picks,
+            "setting": "the label-free arm's features aligned to each participant in turn, or not aligned "
+                       "(projection only); G = mean pairwise tv_lower_bound (MLP two-sample test; _knn, _linear: the kNN test and "
+                       "the logistic one the MLP replaced); 'picked by' = the scores on S whose best is that participant"}
+
+
+def refchoice_result(work: Path, sc: Scale, env: dict) -> dict:
+    out = {}
+    for arm in REFCHOICE_ARMS:
+        picks = [score(refchoice_src(work, arm, s))["picks"] for s in sc.seeds]
+        rows = []
+        for sname in SCORES + ("consensus",):
+            refs = [pk[sname] if sname in pk else "consensus" for pk in picks]
+            per = [load_job(work, f"refchoice-s{s}-{arm}-{r}") for s, r in zip(sc.seeds, refs)]
+            runs = [work / f"s{s}" / f"refchoice-{arm}-{r}" / "run" for s, r in zip(sc.seeds, refs)]
+            rows.append({**_realigned_arm(work, "/".join(sorted(set(refs))), per, runs, picks),
+                         "score": (sname + (" (best's default)" if sname == prior_scores.DEFAULT_SCORE else "")
+                                   if sname in SCORES else "— (--reference consensus)"),
+                         "default": sname == "consensus"})
+        out[arm] = rows
+    return {"env": env, "seeds": list(sc.seeds), "arms": out, "default_score": prior_scores.DEFAULT_SCORE,
+            "default_reference": "consensus",
+            "participants": {"label_using": list(LABEL_USING), "t5-labels": list(TABLE5["+labels"])},
+            "setting": "each arm's features aligned to the participant each score on S picks; student, store "
+                       "effective rank (of the merged z-scorable targets) and G as in fig4d"}
 
 
 def table5_result(work: Path, sc: Scale, env: dict) -> dict:
@@ -785,7 +882,7 @@ def main(argv=None) -> int:
     _write_json(work / "priors.json", priors)
 
     # 2. the timed experiments, alone on the machine
-    if "table2" in only or {"fig4d", "fig3c"} & only:  # fig4d and fig3c build on table2's runs
+    if "table2" in only or {"fig4d", "fig3c", "refchoice"} & only:  # these build on table2's runs
         table2_timed(work, sc, priors)
     if "collab" in only:
         for seed in sc.seeds:
@@ -799,12 +896,9 @@ def main(argv=None) -> int:
     if "fig3c" in only:
         jobs += [(probe_name(p["checkpoint"]), "probe_ckpt", dict(ckpt=p["checkpoint"], sc=sc)) for p in priors.values()]
         jobs += [(f"scores-s{s}", "scores_job", dict(work=str(work), sc=sc, seed=s)) for s in sc.seeds]
-    if "fig4d" in only:
-        finals = [load_job(work, f"t2-s{s}-label_free")["snapshots"][-1]["path"] for s in sc.seeds]
-        jobs += [(probe_name(c), "probe_ckpt", dict(ckpt=c, sc=sc)) for c in finals]
     if "fig3b" in only:  # the longest jobs first, so the pool's tail is short
         jobs += [(f"rounds-s{s}", "rounds_job", dict(work=str(work), sc=sc, seed=s)) for s in sc.seeds]
-    if "table5" in only:
+    if "table5" in only or "refchoice" in only:  # refchoice realigns table5's +labels arm
         for s in sc.seeds:
             for tag, key in (("base", "base"), ("labels", "+labels"), ("weak", "+weak")):
                 jobs.append((f"t5-s{s}-{tag}", "arm_job", dict(work=str(work), sc=sc, seed=s, tag=f"t5-{tag}",
@@ -815,17 +909,22 @@ def main(argv=None) -> int:
                 jobs.append((f"fig5-s{s}-f{f}", "arm_job", dict(work=str(work), sc=sc, seed=s, tag=f"fig5-f{f}",
                                                                 names=list(LABEL_FREE), fraction=f)))
     if "fig4d" in only:
-        jobs += [(f"fig4d-s{s}-{k}", "fig4d_job", dict(work=str(work), sc=sc, seed=s, kind=k))
-                 for s in sc.seeds for k in ("none", "worst", "medium", "best")]
+        jobs += [(f"fig4d-s{s}-{k}", "fig4d_job", dict(work=str(work), sc=sc, seed=s, reference=k))
+                 for s, k, _ in fig4d_runs(work, sc)]
     seen, unique = set(), []
     for j in jobs:
         if j[0] not in seen:
             seen.add(j[0])
             unique.append(j)
-    # fig4d's "best" reads the label-free arm's final probe: probes before the jobs that use them.
-    unique.sort(key=lambda j: 0 if j[1] == "probe_ckpt" else 1)
-    run_pool(work, [j for j in unique if j[1] == "probe_ckpt" or j[0].startswith("scores")])
-    run_pool(work, [j for j in unique if j[1] != "probe_ckpt" and not j[0].startswith("scores")])
+    run_pool(work, [j for j in unique if j[1] in ("probe_ckpt", "scores_job")])
+    run_pool(work, [j for j in unique if j[1] not in ("probe_ckpt", "scores_job")])
+    # what builds on the pool's runs: realignments of table5's arm, G of every realigned run
+    later = refchoice_jobs(work, sc) if "refchoice" in only else []
+    run_pool(work, later)
+    runs = [(s, r) for s, _, r in fig4d_runs(work, sc)] if "fig4d" in only else []
+    runs += [(j[2]["seed"], work / f"s{j[2]['seed']}" / f"refchoice-{j[2]['arm']}-{j[2]['reference']}" / "run")
+             for j in later]
+    run_pool(work, g_jobs(work, runs))
 
     # 4. results
     meta = {"env": environment(), "env_at_start": env0, "wall_seconds": time.perf_counter() - T_START}
@@ -849,7 +948,7 @@ def report(work: Path, sc: Scale, priors: dict, results: Path, only: set, meta: 
     builders = {"table2": lambda: table2_result(work, sc, env), "collab": lambda: collab_result(work, sc, env),
                 "fig3c": lambda: fig3c_result(work, sc, env, priors), "fig4d": lambda: fig4d_result(work, sc, env),
                 "table5": lambda: table5_result(work, sc, env), "fig5": lambda: fig5_result(work, sc, env),
-                "fig3b": lambda: fig3b_result(work, sc, env)}
+                "fig3b": lambda: fig3b_result(work, sc, env), "refchoice": lambda: refchoice_result(work, sc, env)}
     for exp in R.EXPERIMENTS:
         if exp in only:
             result[exp] = builders[exp]()

@@ -8,25 +8,26 @@ here trains or times anything, so every piece is testable on tiny inputs:
   spearman(x, y)                 rank correlation, ties get their average rank
   bootstrap_spearman(...)        percentile interval of (seed-averaged) rho, resampling priors
   mean_std(values)               mean, sample std and the values themselves
-  effective_rank(x)              exp(entropy) of the centred singular value distribution
   check_schema(result)           the keys bench/results/paper.json promises
   markdown(result), plots(result, folder)
 """
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from pathlib import Path
 
 import numpy as np
 
 # What paper.json promises: one entry per experiment, each with its environment and seeds.
-EXPERIMENTS = ("table2", "fig4d", "fig3c", "table5", "fig5", "fig3b", "collab")
+EXPERIMENTS = ("table2", "fig4d", "refchoice", "fig3c", "table5", "fig5", "fig3b", "collab")
 ENTRY_KEYS = ("env", "seeds")
 ENV_KEYS = ("hardware", "date", "commit")
 REQUIRED = {
     "table2": ("label_using", "label_free", "byol", "simclr", "time_to_accuracy", "equal_time"),
     "fig4d": ("arms",),
+    "refchoice": ("arms", "default_score"),
     "fig3c": ("priors", "spearman", "best_score"),
     "table5": ("arms",),
     "fig5": ("arms",),
@@ -147,19 +148,6 @@ def bootstrap_spearman(scores: dict[str, list], accuracy, n_boot: int = 2000, se
     return out
 
 
-def effective_rank(x) -> float:
-    """exp(entropy of the normalised singular values) of the centred rows (Roy & Vetterli 2007):
-    1 for points on a line, the dimension for isotropic points; one-hot labels over C classes
-    give about C - 1. A label-free score of how many directions a prior's features use."""
-    x = np.asarray(x, dtype=np.float64)
-    s = np.linalg.svd(x - x.mean(0), compute_uv=False)
-    s = s[s > s.max() * 1e-12] if s.size and s.max() > 0 else s[:0]
-    if not s.size:
-        return 0.0
-    p = s / s.sum()
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
 # ---- schema -----------------------------------------------------------------------------------
 
 def check_schema(result: dict) -> list[str]:
@@ -214,6 +202,11 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _g_after(a: dict) -> str:
+    ci = a.get("g_after_ci95")
+    return _num(a["g_after"]) + (f" [{_num(ci[0])}, {_num(ci[1])}]" if ci else "")
+
+
 def markdown(result: dict) -> str:
     """paper.md: every experiment's table, from paper.json alone."""
     meta = result.get("meta", {})
@@ -254,12 +247,35 @@ def markdown(result: dict) -> str:
                 "Speed-up = SSL seconds to reach the target / COOPT seconds, over the seeds where SSL reached it "
                 "(≤: already reached at SSL's first probe, so the true time is at most this); 'equal time' compares "
                 "with the SSL run annealed within COOPT's time.", ""]
+        if t2.get("coopt_to_ssl_final"):
+            rows = []
+            for arm, by_m in t2["coopt_to_ssl_final"].items():
+                for m, v in by_m.items():
+                    rows.append([arm.replace("_", "-"), m.upper(), pct(v["target"]), sec(v["ssl_seconds"]),
+                                 f"{v['reached']}/{v['n']}", sec(v["seconds"]), _ratio(v["fraction_of_ssl_time"])])
+            out += [_table(["COOPT arm", "vs", "SSL's final linear % (4× run)", "SSL seconds", "COOPT reached it",
+                            "COOPT seconds to reach", "fraction of SSL's time"], rows), "",
+                    "The other way round: how soon COOPT reaches the accuracy each SSL method ends at.", ""]
     f4 = result.get("fig4d")
     if f4:
         out += ["## Figure 4d: which reference to align to (label-free participants)", ""]
-        rows = [[a["reference_kind"], ", ".join(sorted(set(a.get("reference_names", [])))) or "—", pct(a["linear"]),
-                 pct(a["knn"]), _num(a["g_before"]), _num(a["g_after"]), _num(a["loss"])] for a in f4["arms"]]
-        out += [_table(["reference", "participant(s)", "linear %", "kNN %", "G before", "G after", "final loss"], rows), ""]
+        rows = [[a["reference_kind"], ", ".join(a.get("picked_by", [])) or "—", pct(a["linear"]), pct(a["knn"]),
+                 _num(a.get("effective_rank"), 1), _num(a["g_before"]), _g_after(a),
+                 _num(a.get("g_after_knn")), _num(a.get("g_after_linear")), _num(a["loss"])] for a in f4["arms"]]
+        out += [_table(["reference", "picked by", "linear %", "kNN %", "store effective rank", "G before (MLP)",
+                        "G after (MLP) [95% CI]", "G after (kNN test)", "G after (linear test)", "final loss"], rows), "",
+                "G = mean over participant pairs of a held-out two-sample test's TV lower bound (2·accuracy − 1, "
+                "not clipped; the CI averages the pairs' Wilson intervals). The MLP test is the default; 'linear' is "
+                "the logistic test it replaced, which a least-squares fit can satisfy by matching means alone.", ""]
+    rc = result.get("refchoice")
+    if rc:
+        out += ["## Reference choice: what each score on S picks, and what the student gets", ""]
+        for arm, rows_ in rc["arms"].items():
+            rows = [[r["score"] + (" (default)" if r["default"] else ""), r["name"], pct(r["linear"]), pct(r["knn"]),
+                     _num(r.get("effective_rank"), 1), _g_after(r)] for r in rows_]
+            out += [f"**{arm}** ({', '.join(rc['participants'][arm])})", "",
+                    _table(["score", "reference picked", "linear %", "kNN %", "store effective rank",
+                            "G after (MLP) [95% CI]"], rows), ""]
     f3 = result.get("fig3c")
     if f3:
         out += ["## Figure 3c: does a label-free score on S rank the priors?", ""]
@@ -407,14 +423,14 @@ def plots(result: dict, folder: Path, prefix: str = "paper") -> list[str]:
     f4 = result.get("fig4d")
     if f4:
         fig = _figure(12, 3.8)
-        kinds = [a["reference_kind"] for a in f4["arms"]]
+        kinds = [re.sub(r"^p\d+-", "", a["reference_kind"]) for a in f4["arms"]]
         x = np.arange(len(kinds))
         ax = fig.add_subplot(1, 3, 1)
         for j, (key, c) in enumerate((("linear", "C0"), ("knn", "C2"))):
             m = [100 * (a[key]["mean"] or 0) for a in f4["arms"]]
             s = [100 * (a[key]["std"] or 0) for a in f4["arms"]]
             ax.bar(x + (j - 0.5) * 0.38, m, 0.38, yerr=s, color=c, label=key)
-        ax.set_xticks(x, kinds)
+        ax.set_xticks(x, kinds, rotation=25, fontsize=8)
         lo = min(100 * (a["knn"]["mean"] or 0) for a in f4["arms"])
         ax.set_ylim(max(0, lo - 10), 100)
         ax.set_ylabel("student accuracy, %")
@@ -425,15 +441,15 @@ def plots(result: dict, folder: Path, prefix: str = "paper") -> list[str]:
             m = [a[key]["mean"] or 0 for a in f4["arms"]]
             s = [a[key]["std"] or 0 for a in f4["arms"]]
             ax.bar(x + (j - 0.5) * 0.38, m, 0.38, yerr=s, color=c, label=label)
-        ax.set_xticks(x, kinds)
-        ax.set_ylabel("G (mean pairwise TV estimate)")
+        ax.set_xticks(x, kinds, rotation=25, fontsize=8)
+        ax.set_ylabel("G (mean pairwise TV lower bound, MLP test)")
         ax.legend(fontsize=7)
         ax.set_title("target inconsistency G", fontsize=9)
         ax = fig.add_subplot(1, 3, 3)
         for a in f4["arms"]:
             tr = a.get("loss_curve") or []
             if tr:
-                ax.plot([p[0] for p in tr], [p[1] for p in tr], lw=1, label=a["reference_kind"])
+                ax.plot([p[0] for p in tr], [p[1] for p in tr], lw=1, label=re.sub(r"^p\d+-", "", a["reference_kind"]))
         ax.set_xlabel("step (seed 0)")
         ax.set_ylabel("student loss (1 − cos)")
         ax.legend(fontsize=7)
