@@ -747,13 +747,12 @@ def arms_result(work: Path, sc: Scale, jobs: dict[str, list[str]]) -> list[dict]
     return out
 
 
-def _g(work: Path, seed: int, run: Path) -> dict:
-    return load_job(work, f"g-{hashlib.sha256(str(run).encode()).hexdigest()[:12]}")
+def g_name(run: Path) -> str:
+    return f"g-{hashlib.sha256(str(run).encode()).hexdigest()[:12]}"
 
 
 def g_jobs(work: Path, runs: list[tuple[int, Path]]) -> list:
-    return [(f"g-{hashlib.sha256(str(r).encode()).hexdigest()[:12]}", "g_job", dict(work=str(work), seed=s, run=str(r)))
-            for s, r in runs]
+    return [(g_name(r), "g_job", dict(work=str(work), seed=s, run=str(r))) for s, r in runs]
 
 
 def fig4d_runs(work: Path, sc: Scale) -> list[tuple[int, str, Path]]:
@@ -762,7 +761,7 @@ def fig4d_runs(work: Path, sc: Scale) -> list[tuple[int, str, Path]]:
 
 def _realigned_arm(work: Path, name: str, per: list[dict], runs: list[Path], picks: list[dict]) -> dict:
     """mean ± std over seeds of one realignment: accuracy, store rank, G (both estimators)."""
-    gs = [_g(work, p["seed"], r) for p, r in zip(per, runs)]
+    gs = [load_job(work, g_name(r)) for r in runs]
     return {"name": name, "per_seed": per, "linear": R.mean_std([p["linear"] for p in per]),
             "knn": R.mean_std([p["knn"] for p in per]),
             "effective_rank": R.mean_std([effective_rank_of_store(r) for r in runs]),

@@ -79,13 +79,8 @@ def fit_map(fs: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ridge: floa
 def _shared_features(run: Path, name: str) -> torch.Tensor:
     """A participant's published features on S, the rows it could decode."""
     with store.open_complete(participant_dir(run, name) / "features.h5", "features") as f:
-        ok = ~np.isin(f["shared/index"][:], f["shared/skipped"][:])
+        ok = store.decoded_on_s(f)
         return torch.from_numpy(f["shared/features"][:][ok].astype(np.float32))
-
-
-def scores_on_s(run: Path, names: list[str]) -> dict[str, dict[str, float]]:
-    """name -> every score of coopt_fast.scores on its published features on S."""
-    return {nm: prior_scores.all_scores(_shared_features(run, nm)) for nm in names}
 
 
 def choose_reference(run: Path, names: list[str], reference: str, score: str = prior_scores.DEFAULT_SCORE) -> str | None:
@@ -172,7 +167,7 @@ def align(
         fpath = participant_dir(run, name) / "features.h5"
         with store.open_complete(fpath, "features") as f:
             fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
-            ok = torch.from_numpy(~np.isin(f["shared/index"][:], f["shared/skipped"][:]))  # decoded rows of S
+            ok = torch.from_numpy(store.decoded_on_s(f))  # decoded rows of S
             if not torch.isfinite(fs).all():
                 raise CooptError(f"{fpath}: shared/features has NaN or Inf values")
             meta = {k: f.attrs[k] for k in ("prior", "uniformity", "feature_dim")}
@@ -234,7 +229,7 @@ def consensus_targets(run: Path, names: list[str], dim: int) -> tuple[torch.Tens
     for nm in names:
         with store.open_complete(participant_dir(run, nm) / "features.h5", "features") as f:
             fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
-            dec = torch.from_numpy(~np.isin(f["shared/index"][:], f["shared/skipped"][:]))
+            dec = torch.from_numpy(store.decoded_on_s(f))
         ok = dec if ok is None else ok & dec
         blocks.append(fs.double() @ projection(fs.shape[1], dim, projection_seed(seed, nm)).double())
     if int(ok.sum()) < 2:
@@ -271,7 +266,7 @@ def _reference_targets(run: Path, ref: str, dim: int) -> tuple[torch.Tensor, tor
     with store.open_complete(path, "aligned targets") as f:
         if str(f.attrs["reference"]) != ref or int(f.attrs["dim"]) != dim:
             raise CooptError(f"{path}: published for reference {f.attrs['reference']!r}, dim {f.attrs['dim']}; expected {ref!r}, {dim}")
-        ok = ~np.isin(f["shared/index"][:], f["shared/skipped"][:])
+        ok = store.decoded_on_s(f)
         return torch.from_numpy(f["shared/targets"][:].astype(np.float32)), torch.from_numpy(ok)
 
 
@@ -396,10 +391,11 @@ def score(run: str | Path, by: str = prior_scores.DEFAULT_SCORE) -> dict:
     names = participants(run)
     if not names:
         raise CooptError(f"{run}: no participant has extracted features yet")
-    values = scores_on_s(run, names)
-    rows = []
-    for nm in names:
+    values, rows = {}, []
+    for nm in names:  # one read of each features.h5: the attrs and the features on S
         with store.open_complete(participant_dir(run, nm) / "features.h5", "features") as f:
+            ok = store.decoded_on_s(f)
+            values[nm] = prior_scores.all_scores(torch.from_numpy(f["shared/features"][:][ok].astype(np.float32)))
             rows.append({"participant": nm, "prior": str(f.attrs["prior"]), "feature_dim": int(f.attrs["feature_dim"]),
                          "rows": int(f["shard/features"].shape[0]), "shared_rows": int(f["shared/features"].shape[0]),
                          **{k.replace("-", "_"): v for k, v in values[nm].items()},

@@ -348,7 +348,7 @@ def _finish(f: h5py.File, p: Prior, runner: ModelRunner | None, t0: float, dec: 
     from .kernels import uniformity
 
     feats = f["shared/features"][:].astype(np.float32)
-    keep = ~np.isin(f["shared/index"][:], f["shared/skipped"][:])
+    keep = store.decoded_on_s(f)
     feats = torch.from_numpy(feats[keep])
     f.attrs.update({
         "uniformity": float(uniformity(feats)) if len(feats) >= 2 else float("nan"),

@@ -114,6 +114,11 @@ def _progress(ds: h5py.Dataset) -> h5py.Dataset | None:
     return ds.file.get(ds.name + PROGRESS)
 
 
+def decoded_on_s(f) -> np.ndarray:
+    """Mask of the rows of S a features.h5 (or aligned.h5) could decode: index minus skipped."""
+    return ~np.isin(f["shared/index"][:], f["shared/skipped"][:])
+
+
 def rows_done(ds: h5py.Dataset) -> int:
     """Rows written so far; a published file (no progress dataset) is whole."""
     p = _progress(ds)
