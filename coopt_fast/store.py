@@ -167,8 +167,38 @@ def publish(f: h5py.File, path: Path) -> None:
     os.replace(partial_path(path), path)
 
 
+# What each kind of published file must hold before any command reads it: a file missing one
+# (hand-edited, or written by something else) is one clear error, not a KeyError deep inside a step.
+SCHEMA = {
+    "features": (
+        ("participant", "shard", "prior", "seed", "round", "dataset_sha256", "feature_dim", "uniformity",
+         "decoder_used", "seconds", "compile_seconds", "model_seconds", "created"),
+        ("shared/index", "shared/features", "shared/skipped", "shard/index", "shard/features", "shard/skipped")),
+    "aligned targets": (
+        ("participant", "reference", "dim", "ridge", "projection_seed", "target_dtype", "prior", "uniformity",
+         "residual", "round"),
+        ("shard/index", "shard/targets", "shard/skipped", "shared/index", "shared/targets", "shared/skipped",
+         "projection", "map", "stats/sum", "stats/sumsq")),
+    "merged store": (
+        ("participants", "dataset", "fingerprint", "dim", "target_dtype", "inputs"),
+        ("targets", "index", "participant", "target_mean", "target_std")),
+}
+
+
+def check_schema(f: h5py.File, path: Path, what: str) -> None:
+    """CooptError naming the first attribute or dataset a `what` file lacks (see SCHEMA)."""
+    attrs, datasets = SCHEMA.get(what, ((), ()))
+    for a in attrs:
+        if a not in f.attrs:
+            raise CooptError(f"{path}: missing attribute {a!r} (not a {what} file written by coopt-fast)")
+    for d in datasets:
+        if not isinstance(f.get(d), h5py.Dataset):
+            raise CooptError(f"{path}: missing dataset {d!r} (not a {what} file written by coopt-fast)")
+
+
 def open_complete(path: Path, what: str) -> h5py.File:
-    """Open a published store file read-only; one clear error for every way it can be wrong."""
+    """Open a published store file read-only; one clear error for every way it can be wrong
+    (missing, not HDF5, another format version, incomplete, lacking what SCHEMA[what] names)."""
     path = Path(path)
     if not path.exists():
         hint = " (a partial file exists: its writer has not finished)" if partial_path(path).exists() else ""
@@ -184,6 +214,11 @@ def open_complete(path: Path, what: str) -> h5py.File:
     if not bool(f.attrs.get("complete", False)):
         f.close()
         raise CooptError(f"{path}: marked incomplete")
+    try:
+        check_schema(f, path, what)
+    except CooptError:
+        f.close()
+        raise
     return f
 
 
