@@ -14,9 +14,15 @@ data, which resizes in float: features agree within ~1/255 per input pixel (see 
 
 A batch also reports which of its rows were bad images (`--on-bad-image skip`): their rows are
 zeros and the caller records them; with `fail` the first bad file raises a CooptError naming it.
+
+DALI sees only files `dali_safe` passes (8-bit Huffman JPEGs whose header parses, within
+COOPT_MAX_IMAGE_PIXELS): DALI 2.4's CPU decoder kills the process (SIGSEGV, exit 139) on a file
+whose header its parser cannot read, e.g. a text file named .jpg, which --on-bad-image cannot
+catch. Every other file is decoded by the per-file path (data.read_image_file).
 """
 from __future__ import annotations
 
+import io
 import queue
 import threading
 from dataclasses import dataclass
@@ -27,7 +33,7 @@ import torch
 # Imported here, not in the workers: each forked DataLoader worker importing it lazily cost ~3 s.
 from torchvision.transforms.v2 import functional as TF
 
-from .data import Dataset, read_image_file
+from .data import JPEG_HUFFMAN_SOF, Dataset, jpeg_header, max_image_pixels, pil_image, read_image_file
 from .errors import CooptError
 from .priors import preprocess
 
@@ -54,10 +60,10 @@ def choose_decoder(decoder: str, ds: Dataset, device: torch.device, input_size: 
       normalise) beat DALI's external_source pipeline, whose per-sample feeding and copies
       cost more than the work itself at 28-32 px (20.8k vs 13.8k img/s decode-only; noisy
       under load, and end-to-end is model-bound either way).
-    * JPEG folders on the CPU: DALI (decode-only 1.24x torchvision at 64 px, 1.29x at 224 px,
-      1.5x when shrinking 224 -> 160 or 112 px).
-    * folders with PNGs: torchvision. DALI 2.4's CPU PNG decoder crashes the process (SIGSEGV)
-      on a PNG with a valid header and a corrupt body, which --on-bad-image cannot catch.
+    * JPEG folders (every file .jpg/.jpeg) on the CPU: DALI (decode-only 1.24x torchvision at
+      64 px, 1.29x at 224 px, 1.5x when shrinking 224 -> 160 or 112 px). A file among them that
+      is not a JPEG DALI can take (`dali_safe`) is decoded per file.
+    * folders with other formats: torchvision; DALI would only hand them back (see `dali_safe`).
     * CUDA: DALI (decode on the GPU with `mixed`, no host round trip).
     """
     if decoder not in ("auto", "dali", "torchvision"):
@@ -70,7 +76,7 @@ def choose_decoder(decoder: str, ds: Dataset, device: torch.device, input_size: 
         return "torchvision"
     if device.type == "cuda":
         return "dali"
-    if ds.files is None or any(p.suffix.lower() == ".png" for p in ds.files):
+    if ds.files is None or any(p.suffix.lower() not in (".jpg", ".jpeg") for p in ds.files):
         return "torchvision"
     return "dali"
 
@@ -79,12 +85,16 @@ def batches(ds: Dataset, rows: np.ndarray, input_size: int, mean, std, batch_siz
             decoder: str = "torchvision", on_bad_image: str = "fail", workers: int = 2) -> Iterator[Batch]:
     if on_bad_image not in ("fail", "skip"):
         raise CooptError(f"--on-bad-image {on_bad_image!r}: use fail or skip")
+    # Read once, here: a bad value must be one error, not every file of a worker refused.
+    max_pixels = max_image_pixels() if ds.files is not None else 0
     if decoder == "dali":
-        yield from _dali_batches(ds, rows, input_size, mean, std, batch_size, device, on_bad_image, workers)
+        yield from _dali_batches(ds, rows, input_size, mean, std, batch_size, device, on_bad_image, workers,
+                                 max_pixels)
     elif ds.images is not None:
         yield from prefetch(_memory_batches(ds, rows, input_size, mean, std, batch_size, device), depth=2)
     else:
-        yield from _folder_batches(ds, rows, input_size, mean, std, batch_size, device, on_bad_image, workers)
+        yield from _folder_batches(ds, rows, input_size, mean, std, batch_size, device, on_bad_image, workers,
+                                   max_pixels)
 
 
 def prefetch(it: Iterator, depth: int = 2) -> Iterator:
@@ -134,8 +144,9 @@ def _memory_batches(ds, rows, size, mean, std, bs, device) -> Iterator[Batch]:
 class _FolderBatchSet(torch.utils.data.Dataset):
     """One item = one whole batch, so workers return batches (one IPC message per batch)."""
 
-    def __init__(self, files, rows, size, mean, std, bs, on_bad):
+    def __init__(self, files, rows, size, mean, std, bs, on_bad, max_pixels=None):  # None: read the env var
         self.files, self.rows, self.size, self.bs, self.on_bad = files, rows, size, bs, on_bad
+        self.max_pixels = max_pixels
         self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
 
@@ -148,7 +159,7 @@ class _FolderBatchSet(torch.utils.data.Dataset):
         bad, errors = [], []
         for j, r in enumerate(rows):
             try:
-                img = torch.from_numpy(read_image_file(self.files[r])).permute(2, 0, 1)
+                img = torch.from_numpy(read_image_file(self.files[r], self.max_pixels)).permute(2, 0, 1)
             except CooptError as e:
                 bad.append(j)
                 errors.append(str(e))
@@ -161,8 +172,8 @@ class _FolderBatchSet(torch.utils.data.Dataset):
         return i * self.bs, x, bad, errors
 
 
-def _folder_batches(ds, rows, size, mean, std, bs, device, on_bad, workers) -> Iterator[Batch]:
-    data = _FolderBatchSet(ds.files, rows, size, mean, std, bs, on_bad)
+def _folder_batches(ds, rows, size, mean, std, bs, device, on_bad, workers, max_pixels) -> Iterator[Batch]:
+    data = _FolderBatchSet(ds.files, rows, size, mean, std, bs, on_bad, max_pixels)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=2 if workers else None, persistent_workers=False)
     for start, x, bad, errors in loader:
@@ -182,7 +193,7 @@ def folder_needs_resize(files, rows: np.ndarray, size: int) -> bool:
     so folders already at the model's size skip it; a file the peek missed shows up as a batch
     of mixed shapes, and _dali_batches then redoes that batch with the resize on.
     """
-    from PIL import Image
+    Image = pil_image()  # a huge declared size must not print PIL's bomb warning here
 
     if len(rows) == 0:
         return False
@@ -228,19 +239,62 @@ def _dali_pipeline(ds, rows, size, mean, std, bs, device, workers, resize: bool)
     return p
 
 
-def _dali_batches(ds, rows, size, mean, std, bs, device, on_bad, workers) -> Iterator[Batch]:
-    """DALI batches; a batch DALI cannot decode is redone by the torchvision path, which names
-    (fail) or zero-fills (skip) the bad files, and DALI restarts after it. A batch of mixed
-    shapes (a folder file the size peek missed) restarts DALI at that batch with the resize on."""
+def dali_safe(path, max_pixels: int) -> bool:
+    """Whether DALI may decode `path`: a JPEG (FF D8 FF) whose markers parse up to the first scan as
+    DALI's parser reads them (`jpeg_header`), baseline/extended/progressive Huffman with 8 bits and
+    1 or 3 components (what DALI was tried on; CMYK, 12-bit, lossless, arithmetic go per file),
+    1..max_pixels pixels, ending with EOI (FF D9: a cut-off file, on which DALI prints its own
+    error lines, goes per file). Reads the header and the last 2 bytes: 28-44 us a file on the
+    2-core test machine under load, against ~1.8 ms a 224 px image through DALI (400 JPEGs:
+    474-570 img/s with the probe, 479-561 without; the difference is within the noise).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = jpeg_header(f)
+            if head is None:
+                return False
+            f.seek(-2, io.SEEK_END)
+            if f.read(2) != b"\xff\xd9":
+                return False
+    except OSError:
+        return False
+    sof, bits, height, width, components = head
+    return sof in JPEG_HUFFMAN_SOF and bits == 8 and components in (1, 3) and 0 < width * height <= max_pixels
+
+
+def _dali_batches(ds, rows, size, mean, std, bs, device, on_bad, workers, max_pixels) -> Iterator[Batch]:
+    """DALI batches. Folders: a batch holding any file `dali_safe` refuses never reaches DALI: it is
+    decoded per file (data.read_image_file), which names (fail) or zero-fills (skip) the bad files,
+    and DALI restarts after it. Routing whole batches keeps the batches the same rows as in a clean
+    folder and reuses the restart below; it costs a pipeline build per run of clean batches, which
+    shows only when unsafe files are spread through a folder (`auto` sends non-JPEG ones to
+    torchvision). A batch DALI still fails on (a JPEG cut or corrupt past its header) is redone the
+    same way. A batch of mixed shapes (a folder file the size peek missed) restarts DALI at that
+    batch with the resize on."""
+    unsafe = np.zeros(-(-len(rows) // bs), dtype=bool)  # per batch
     if ds.images is not None:  # in memory: one shape for all, known
         resize = tuple(ds.images.shape[1:3]) != (size, size)
     else:
         resize = folder_needs_resize(ds.files, rows, size)
-    start = 0
+        for i, r in enumerate(rows):
+            if not unsafe[i // bs] and not dali_safe(ds.files[r], max_pixels):
+                unsafe[i // bs] = True
+    start = 0  # always a multiple of bs
     while start < len(rows):
-        p = _dali_pipeline(ds, rows[start:], size, mean, std, bs, device, workers, resize)
+        end = start
+        while end < len(rows) and unsafe[end // bs] == unsafe[start // bs]:
+            end += bs
+        end = min(end, len(rows))
+        if unsafe[start // bs]:
+            one = end - start <= bs  # one batch: no worker processes to start for it
+            for item in _folder_batches(ds, rows[start:end], size, mean, std, bs, device, on_bad,
+                                        0 if one else workers, max_pixels):
+                yield Batch(start + item.start, item.x, item.bad)
+            start = end
+            continue
+        p = _dali_pipeline(ds, rows[start:end], size, mean, std, bs, device, workers, resize)
         try:
-            for b in range(start, len(rows), bs):
+            for b in range(start, end, bs):
                 try:
                     out, = p.run()
                 except StopIteration:
@@ -252,17 +306,18 @@ def _dali_batches(ds, rows, size, mean, std, bs, device, on_bad, workers) -> Ite
                 if x.shape[-2:] != (size, size):  # a whole batch of another size: same remedy
                     resize = True
                     break
-                yield Batch(b, x[: min(bs, len(rows) - b)].to(device, non_blocking=True), [])
+                yield Batch(b, x[: min(bs, end - b)].to(device, non_blocking=True), [])
                 start = b + bs
             else:
-                return
+                start = end
         except StopIteration:
             return
         except RuntimeError:
             if ds.files is None:
                 raise
             # The batch at `start` has a bad file: decode it image by image, then restart DALI.
-            fallback = _folder_batches(ds, rows[start : start + bs], size, mean, std, bs, device, on_bad, 0)
+            fallback = _folder_batches(ds, rows[start : start + bs], size, mean, std, bs, device, on_bad, 0,
+                                       max_pixels)
             for item in fallback:
                 yield Batch(start, item.x, item.bad)
             start += bs

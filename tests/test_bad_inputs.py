@@ -157,10 +157,6 @@ def edit_plan(run: Path, fn) -> None:
 TRAIN = ("--input-size", "16", "--no-compile", "--device", "cpu", "--quiet")
 
 
-def _xf(reason):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 def _dali() -> bool:
     from coopt_fast.decode import dali_available
 
@@ -198,11 +194,8 @@ def _garbage(p: Path):
 
 @pytest.mark.parametrize("victim, damage, decoder", [
     pytest.param("c1/3.jpg", _truncate, "torchvision", id="truncated-jpeg"),
-    pytest.param("c0/2.png", _garbage, "torchvision", id="corrupt-png", marks=_xf(
-        "libpng itself prints 'libpng error: ...' on stderr (C code, before our one line): a second line")),
-    pytest.param("c0/2.png", _garbage, "dali", id="corrupt-png-dali", marks=[needs_dali, _xf(
-        "BUG: --decoder dali on a PNG with a valid signature and a garbage body: DALI prints '[ERROR] "
-        "[png_parser] Unexpected length' and the process dies of SIGSEGV (also under --on-bad-image skip)")]),
+    pytest.param("c0/2.png", _garbage, "torchvision", id="corrupt-png"),
+    pytest.param("c0/2.png", _garbage, "dali", id="corrupt-png-dali", marks=needs_dali),
 ])
 def test_corrupt_or_truncated_image(tmp_path, image_folder, victim, damage, decoder):
     damage(image_folder / victim)
@@ -583,8 +576,7 @@ def test_disk_full_during_write(big_run, tmp_path, cmd, args, name):
 
 @pytest.mark.parametrize("decoder", [
     "torchvision",
-    pytest.param("dali", marks=[needs_dali, _xf(
-        "BUG: --decoder dali --on-bad-image skip on a PNG with a garbage body: SIGSEGV instead of a skipped row")]),
+    pytest.param("dali", marks=needs_dali),
 ])
 def test_corrupt_png_is_skipped_under_on_bad_image_skip(tmp_path, image_folder, decoder):
     """The other answer to a bad image: recorded as skipped, a zero row, exit 0."""
