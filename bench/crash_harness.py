@@ -27,6 +27,18 @@ SIGSTOP before SIGKILL freezes the process so "what was it writing" is read from
 a race; a stopped process dies on SIGKILL without running another instruction, so the kill is
 the same as a bare SIGKILL at the SIGSTOP.
 
+An upload killed half-way ("upload", UPLOAD_CASES): windows too narrow for a random kill, hit
+exactly by a child that runs the real CLI with one library call replaced by SIGKILL (KILL_CHILD):
+align --participant b killed between aligned.h5's rename and its manifest.json record (a first
+upload, and a realignment), and while manifest.json's new text is half written; manifest.json torn
+in transfer; merge killed with merged.h5.partial written but not renamed (fresh, and replacing an
+older store under --force). After each: every final-named file is whole, merge refuses the run with
+one line naming the fault and changes nothing (a dead writer's .partial/.lock may go), then the
+participant does what the line asks (rerun align, resend manifest.json) and merge equals the
+uncrashed run's merged.h5. Only the kills need processes (5, started together); the refusals, fixes
+and merges run in this process (a CooptError is the CLI's one line: cli/app.py), one torch thread
+like the processes, so that their targets have the same bits.
+
 Workloads write large files fast: the `labels` prior on an npy data set with many rows and
 many classes (one-hot float16 rows), small extract batches (many flushed appends), align to
 --dim 512, and a convnet student on a few hundred 16 px images for a few epochs.
@@ -52,7 +64,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-COMMANDS = ("extract", "align", "merge", "train")
+UPLOAD = "upload"  # the upload-killed-half-way scenarios (not a command: align and merge together)
+COMMANDS = ("extract", "align", "merge", "train", UPLOAD)
 
 # Attributes that record when/where a file was written (or hash files that hold such
 # attributes): they legitimately differ between a killed-and-rerun output and the reference.
@@ -73,12 +86,14 @@ class Config:
     max_attempts: int = 14     # per command, counted or not
     max_kills_per_sequence: int = 3
     parallel: int = 2          # campaigns run side by side (each is mostly waiting on its process)
+    upload_n: int = 2000       # the upload scenarios' data set: small, every kill point is exact
+    upload_dim: int = 32
 
     @classmethod
     def full(cls) -> "Config":
         return cls(n=200_000, classes=512, extract_batch=64, train_n=1024, train_epochs=4,
                    kills={"extract": 25, "align": 25, "merge": 20, "train": 20}, max_attempts=60,
-                   max_kills_per_sequence=4)
+                   max_kills_per_sequence=4, upload_n=50_000, upload_dim=256)
 
 
 @dataclass
@@ -536,10 +551,180 @@ def build(cfg: Config, root: Path, seed: int = 0) -> list[Stage]:
     ]
 
 
+# ---- an upload killed half-way -------------------------------------------------------------
+
+# Runs the real CLI (argv[2:]) with one library call replaced by SIGKILL at the moment argv[1]
+# names: a window of microseconds that a random kill would almost never hit.
+KILL_CHILD = r"""
+import os, signal, sys
+from pathlib import Path
+from coopt_fast import store
+
+point = sys.argv[1]
+
+def die(*a, **k):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "before-manifest":  # aligned.h5 renamed into place; manifest.json not yet touched
+    store.write_manifest = die
+elif point == "mid-manifest":  # half of manifest.json's new text written (store writes it to a .tmp first)
+    write_text = Path.write_text
+    def torn(self, data, *a, **k):
+        if self.name.startswith("manifest.json"):
+            with open(self, "w") as f:
+                f.write(data[: len(data) // 2])
+            die()
+        return write_text(self, data, *a, **k)
+    Path.write_text = torn
+elif point == "before-publish":  # merged.h5.partial whole (digests included), not yet renamed
+    store.publish = die
+else:
+    raise SystemExit(f"unknown kill point {point}")
+sys.argv = ["coopt-fast", *sys.argv[2:]]
+from coopt_fast.cli import main
+main()
+"""
+
+# (scenario, the run as it was before, the killed command: (kill point, CLI args after the run
+# folder) or None, what merge's one line must say, what the participant then does)
+UPLOAD_CASES = (
+    ("align killed between publishing aligned.h5 and recording it", "a-aligned",
+     ("before-manifest", "align", "--participant", "b"), "no sha256 recorded in manifest.json", "align"),
+    ("realign killed between publishing aligned.h5 and recording it", "aligned",
+     ("before-manifest", "align", "--participant", "b", "--force"), "differs from the", "align --force"),
+    ("align killed while writing manifest.json", "a-aligned",
+     ("mid-manifest", "align", "--participant", "b"), "no sha256 recorded in manifest.json", "align"),
+    ("manifest.json torn in transfer", "aligned", None, "not valid JSON", "resend manifest.json"),
+    ("merge killed before publishing merged.h5", "aligned", ("before-publish", "merge"), None, None),
+    ("merge --force killed before replacing merged.h5", "merged, b realigned", ("before-publish", "merge", "--force"),
+     "made from other inputs", None),
+)
+
+
+class one_thread:
+    """In-process steps computed as the harness's processes compute them (OMP_NUM_THREADS=1)."""
+
+    def __enter__(self):
+        import torch
+
+        self.n = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.n)
+
+
+def _files(folder: Path) -> dict[str, str]:
+    from coopt_fast.priors import file_sha256
+
+    return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def merge_refusal(run: Path, expect: str) -> tuple[str, list[str]]:
+    """Merge `run`, which must be refused: (the error line, faults). The line must be one line
+    holding `expect`; no file may appear or change (a dead writer's .partial/.lock may be cleared)."""
+    import coopt_fast
+    from coopt_fast.errors import CooptError
+
+    before = _files(run)
+    try:
+        coopt_fast.merge(run, progress=False)
+        line, faults = "", [f"merge accepted it; expected a refusal saying {expect!r}"]
+    except CooptError as e:
+        line = str(e)
+        faults = [] if expect in line and "\n" not in line else [f"refusal is not one line saying {expect!r}: {line}"]
+    except Exception as e:  # noqa: BLE001  (a traceback is the failure being looked for)
+        line, faults = "", [f"merge failed with {type(e).__name__}: {e} (not a one-line refusal)"]
+    after = _files(run)
+    faults += [f"merge's refusal changed {k}" for k in after if before.get(k) != after[k]]
+    faults += [f"merge's refusal removed {k}" for k in before if k not in after and not k.endswith((".partial", ".lock"))]
+    return line, faults
+
+
+def upload_campaign(cfg: Config, root: Path, seed: int = 0) -> Result:
+    """Every UPLOAD_CASES scenario once, its kill made by a KILL_CHILD process (all at once)."""
+    import coopt_fast
+
+    res = Result(UPLOAD)
+    spec = make_npy(root / "data", cfg.upload_n, 8, 16, seed)
+    pre = {"a-aligned": root / "a-aligned", "aligned": root / "aligned", "merged": root / "merged"}
+    coopt_fast.split(spec, pre["a-aligned"], participants=2, shared_fraction=0.05, seed=seed)
+    for k, nm in enumerate(("a", "b")):
+        coopt_fast.extract(pre["a-aligned"], nm, k, "labels", progress=False)
+    with one_thread():
+        coopt_fast.align(pre["a-aligned"], dim=cfg.upload_dim, participant="a", progress=False)
+        shutil.copytree(pre["a-aligned"], pre["aligned"])
+        coopt_fast.align(pre["aligned"], dim=cfg.upload_dim, participant="b", progress=False)
+    shutil.copytree(pre["aligned"], pre["merged"])
+    coopt_fast.merge(pre["merged"], progress=False)  # the uncrashed run's store
+    ref = pre["merged"]
+
+    work, procs = {}, {}
+    for i, (case, state, kill, _, _) in enumerate(UPLOAD_CASES):
+        run = work[case] = root / f"case{i}"
+        shutil.copytree(pre[state.split(",")[0]], run)
+        if state == "merged, b realigned":  # the uploads changed since the store was made
+            with one_thread():
+                coopt_fast.align(run, dim=cfg.upload_dim, participant="b", force=True, progress=False)
+        if kill is not None:
+            point, cmd, *rest = kill
+            args = [cmd, run, *rest, "--quiet"] + (["--dim", cfg.upload_dim] if cmd == "align" else [])
+            procs[case] = start([PY, "-c", KILL_CHILD, point, *map(str, args)])
+    missed = set()
+    for case, p in procs.items():
+        _, err = p.communicate(timeout=600)
+        if p.returncode != -signal.SIGKILL:
+            res.failures.append(f"{case}: the kill point was never reached (exit {p.returncode}): {err.strip()[-300:]}")
+            missed.add(case)
+            continue
+        res.kills += 1
+        left = sorted(q.name for q in work[case].rglob("*") if q.name.endswith((".partial", ".tmp")))
+        res.mid_write += bool(left)
+        res.left_state += bool(left)
+        res.kill_log.append((case, left))
+
+    for case, state, kill, expect, fix in UPLOAD_CASES:
+        run, bad = work[case], []
+        if case in missed:
+            continue
+        bad += check_whole(run)
+        man = run / "participants/b/manifest.json"
+        if fix == "resend manifest.json":
+            sent = man.read_bytes()
+            man.write_bytes(sent[: len(sent) // 2])
+        if state == "merged, b realigned" and _files(run)["merged.h5"] != _files(ref)["merged.h5"]:
+            bad.append("the killed merge --force changed the published merged.h5")
+        if expect is not None:
+            line, faults = merge_refusal(run, expect)
+            bad += faults
+            res.kill_log.append((case, line))
+        with one_thread():
+            if fix == "align":
+                coopt_fast.align(run, dim=cfg.upload_dim, participant="b", progress=False)
+            elif fix == "align --force":
+                coopt_fast.align(run, dim=cfg.upload_dim, participant="b", force=True, progress=False)
+        if fix == "resend manifest.json":
+            man.write_bytes(sent)
+        try:
+            coopt_fast.merge(run, progress=False, force=state == "merged, b realigned")
+        except Exception as e:  # noqa: BLE001
+            bad.append(f"merge after the fix failed: {type(e).__name__}: {e}")
+        else:
+            bad += compare_h5(ref / "merged.h5", run / "merged.h5")
+            bad += check_manifests(ref, run, ["a", "b"], ["features.h5", "aligned.h5"]) + check_verify(run)
+        res.sequences += 1
+        res.failures += [f"{case}: {m}" for m in bad]
+        if not bad:
+            shutil.rmtree(run, ignore_errors=True)
+    return res
+
+
 def run_all(cfg: Config, root: Path, seed: int = 0, commands=COMMANDS) -> list[Result]:
-    stages = {s.command: s for s in build(cfg, root, seed)}
+    stages = {s.command: s for s in build(cfg, root, seed)} if set(commands) - {UPLOAD} else {}
     results: dict[str, Result] = {}
-    todo = [c for c in commands]
+    todo = sorted(commands, key=lambda c: c != UPLOAD)  # one long job: first, so campaigns run beside it
     lock = threading.Lock()
 
     def worker():
@@ -551,7 +736,8 @@ def run_all(cfg: Config, root: Path, seed: int = 0, commands=COMMANDS) -> list[R
             scratch = root / "work"
             scratch.mkdir(exist_ok=True)
             try:
-                results[c] = campaign(stages[c], cfg.kills[c], cfg, seed, scratch)
+                results[c] = (upload_campaign(cfg, root / "upload", seed) if c == UPLOAD else
+                              campaign(stages[c], cfg.kills[c], cfg, seed, scratch))
             except Exception as e:  # noqa: BLE001  (reported in the table, not lost in a thread)
                 results[c] = Result(c, failures=[f"harness error: {type(e).__name__}: {e}"])
 

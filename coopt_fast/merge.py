@@ -11,6 +11,12 @@ merged.h5 (contiguous, unfiltered datasets: the loader np.memmaps them):
   attrs: participants (JSON), dataset, limit, fingerprint (JSON), dim, target_dtype,
          inputs (JSON {relative path: sha256}), coverage (N'/N), reference,
          rounds (JSON {name: round}: each participant's latest, the top-level aligned.h5)
+  every dataset's attr sha256: of its bytes, taken right after writing; `verify` recomputes it
+  (contiguous, unfiltered data has no HDF5 checksum, so this is what catches a changed row)
+
+An upload is checked whole before anything is written (_validate: structure; _check_values: every
+value merge uses). A merged.h5 already made from the same uploads is left as it is; one made from
+other inputs is replaced only under --force.
 """
 from __future__ import annotations
 
@@ -34,8 +40,66 @@ MAX_IMAGE_BYTES = 4 << 30   # hold images in the store up to 4 GiB (ImageNet-siz
 COPY_BLOCK_ROWS = 65536
 
 
+# stats/sum and stats/sumsq against the targets they summarise, relative to the column's sum of
+# |y| (of y^2 for sumsq). Both sides sum the same decoded values (fp16/bf16 exact in fp32; int8
+# decoded as the loader does); align adds them up in fp32 blocks before fp64, which measured
+# <= 2e-7 of sum |y| at 1M x 8 and 16k x 512. 1e-4 is 500x that, and a store mean/std off by
+# 1e-4 of the mean |y| changes nothing the student sees; a wrong or stale statistic is far off.
+STATS_RTOL = 1e-4
+CHECK_BLOCK_VALUES = 1 << 22  # targets decoded per step of that check: 16 MiB of float32 (of 1-64 MiB, the fastest)
+MAX_ROUND = 2**31 - 1
+
+
+def _text_attr(where: str, attrs, key: str) -> str:
+    v = attrs[key]
+    if isinstance(v, bytes):
+        v = v.decode(errors="replace")
+    if not isinstance(v, str):
+        raise CooptError(f"{where}: attribute {key} is {_plain(v)!r} ({type(v).__name__}), expected text")
+    return v
+
+
+def _int_attr(where: str, attrs, key: str, lo: int, hi: int) -> int:
+    v = attrs[key]
+    if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or not lo <= int(v) <= hi:
+        raise CooptError(f"{where}: attribute {key} is {_plain(v)!r}, expected an integer in [{lo}, {hi}]")
+    return int(v)
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _dataset(where: str, f: h5py.File, key: str, shape: tuple, dtype: str, finite: bool = False,
+             positive: bool = False) -> np.ndarray:
+    """f[key], read whole, after checking its shape (None: any length) and dtype; dtype is an
+    exact numpy type ("float64") or "int" for any integer type."""
+    d = f.get(key)
+    if not isinstance(d, h5py.Dataset):
+        raise CooptError(f"{where}: missing dataset {key}")
+    if len(d.shape) != len(shape) or any(w is not None and w != s for w, s in zip(shape, d.shape)):
+        want = "(" + ", ".join("any" if w is None else str(w) for w in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise CooptError(f"{where}: {key} has shape {d.shape}, expected {want}")
+    if (d.dtype.kind not in "iu") if dtype == "int" else (d.dtype != np.dtype(dtype)):
+        raise CooptError(f"{where}: {key} has dtype {d.dtype}, expected {'an integer type' if dtype == 'int' else dtype}")
+    v = d[()]
+    if finite and not np.isfinite(v).all():
+        raise CooptError(f"{where}: {key} has NaN or Inf values")
+    if positive and not (v > 0).all():
+        raise CooptError(f"{where}: {key} has values <= 0 (a scale must be > 0)")
+    return v
+
+
+def _skips(where: str, key: str, skipped: np.ndarray, idx: np.ndarray) -> None:
+    if len(np.unique(skipped)) != len(skipped):
+        raise CooptError(f"{where}: {key} has duplicate indices")
+    if not np.isin(skipped, idx).all():
+        raise CooptError(f"{where}: {key} lists samples outside its {key.split('/')[0]} set")
+
+
 def _validate(run: Path, name: str, plan: dict) -> dict:
-    """One upload against the plan; any fault is a CooptError naming the participant and the fault."""
+    """One upload's structure against the plan (its sha256, indices, the targets' shape and
+    dtype); any fault is a CooptError naming the participant and the fault. Values: _check_values."""
     path = participant_dir(run, name) / "aligned.h5"
     where = f"participant {name} ({path})"
     try:
@@ -46,24 +110,25 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
     digest = file_sha256(path)
     if recorded is None:
         f.close()
-        raise CooptError(f"{where}: no sha256 recorded in manifest.json by its participant")
+        raise CooptError(f"{where}: no sha256 recorded in manifest.json by its participant (published but not "
+                         f"recorded, e.g. align interrupted: the participant reruns align)")
     if recorded != digest:
         f.close()
-        raise CooptError(f"{where}: sha256 {digest[:12]} differs from the {recorded[:12]} its participant recorded (file changed in transit)")
+        raise CooptError(f"{where}: sha256 {digest[:12]} differs from the {recorded[:12]} its participant recorded (file "
+                         f"changed in transit, or align interrupted before recording it: the participant reruns align)")
     with f:
         for key in ("shard/index", "shard/skipped", "shard/targets", "stats/sum", "stats/sumsq"):
             if key not in f:
                 raise CooptError(f"{where}: missing dataset {key}")
-        idx = f["shard/index"][:]
+        idx = _dataset(where, f, "shard/index", (None,), "int")
         tg = f["shard/targets"]
         if tg.ndim != 2 or tg.shape[0] != len(idx):
             raise CooptError(f"{where}: shard/targets shape {tg.shape} does not match {len(idx)} indices")
-        td = str(f.attrs.get("target_dtype", "float16"))
-        if td not in codec.TARGET_DTYPES or tg.dtype != codec.storage_dtype(td):
+        td = _text_attr(where, f.attrs, "target_dtype")
+        if td not in codec.TARGET_DTYPES:
+            raise CooptError(f"{where}: attribute target_dtype is {td!r}, expected one of {', '.join(codec.TARGET_DTYPES)}")
+        if tg.dtype != codec.storage_dtype(td):
             raise CooptError(f"{where}: shard/targets dtype {tg.dtype} does not match target_dtype {td!r}")
-        scale_key = {"int8": "shard/scale", "int8-dim": "scale"}.get(td)
-        if scale_key and (scale_key not in f or not np.isfinite(f[scale_key][:]).all()):
-            raise CooptError(f"{where}: {td} targets need a finite {scale_key}")
         if len(np.unique(idx)) != len(idx):
             raise CooptError(f"{where}: shard/index has duplicate indices")
         n = plan["fingerprint"]["n"]
@@ -72,28 +137,112 @@ def _validate(run: Path, name: str, plan: dict) -> dict:
         matches = [k for k, s in enumerate(plan["shards"]) if len(s) == len(idx) and np.array_equal(s, idx)]
         if not matches:
             raise CooptError(f"{where}: shard/index is not exactly one shard of the plan")
-        if tg.dtype.kind == "f" or td == "bfloat16":
-            for s in range(0, tg.shape[0], COPY_BLOCK_ROWS):
-                block = codec.decode(torch.from_numpy(tg[s : s + COPY_BLOCK_ROWS]), td)
-                if not torch.isfinite(block).all():
-                    raise CooptError(f"{where}: shard/targets has NaN or Inf values")
-        skipped = f["shard/skipped"][:]
-        if not np.isin(skipped, idx).all():
-            raise CooptError(f"{where}: shard/skipped lists samples outside its shard")
-        return {"name": name, "path": path, "sha256": digest, "shard": matches[0], "dim": tg.shape[1],
-                "reference": str(f.attrs["reference"]), "target_dtype": td,
-                "s_star": str(f.attrs.get("s_star", "")),  # "": aligned before S* was recorded
-                "round": int(f.attrs.get("round", 0)),  # 0: aligned before rounds were recorded there
-                "scale": f[scale_key][:] if scale_key else None,
-                "sum": f["stats/sum"][:], "sumsq": f["stats/sumsq"][:], "keep": ~np.isin(idx, skipped)}
+        skipped = _dataset(where, f, "shard/skipped", (None,), "int")
+        _skips(where, "shard/skipped", skipped, idx)
+        return {"name": name, "path": path, "where": where, "sha256": digest, "shard": matches[0], "dim": tg.shape[1],
+                "reference": _text_attr(where, f.attrs, "reference"), "target_dtype": td,
+                "s_star": _text_attr(where, f.attrs, "s_star") if "s_star" in f.attrs else "",  # "": before S* was recorded
+                "round": _int_attr(where, f.attrs, "round", 0, MAX_ROUND) if "round" in f.attrs else 0,
+                "skipped": skipped, "keep": ~np.isin(idx, skipped)}
 
 
-def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -> dict:
-    """Validate uploads and write RUN/merged.h5 (atomically: merged.h5.partial, then rename)."""
+def _check_values(u: dict, plan: dict, ds, names: list[str]) -> None:
+    """Everything else in an upload that merge or the student uses, after the uploads agree on
+    dim, dtype and reference: attributes, S, the map, scales, which rows may be skipped, and the
+    targets themselves (one pass: finite, skipped rows zero, sums equal to stats/sum, stats/sumsq).
+    Adds the upload's statistics and scale to `u`."""
+    where, dim, td = u["where"], u["dim"], u["target_dtype"]
+    with h5py.File(u["path"], "r") as f:
+        if _int_attr(where, f.attrs, "dim", 1, 2**31) != dim:
+            raise CooptError(f"{where}: attribute dim is {int(f.attrs['dim'])}, but shard/targets has {dim} columns")
+        if _text_attr(where, f.attrs, "participant") != u["name"]:
+            raise CooptError(f"{where}: attribute participant is {f.attrs['participant']!r}, but the upload is "
+                             f"{u['name']}'s (an upload copied from another participant?)")
+        if u["reference"] not in ("consensus", "none", *names):
+            raise CooptError(f"{where}: attribute reference is {u['reference']!r}: not consensus, none or a participant")
+        prior = _text_attr(where, f.attrs, "prior")
+        w = _dataset(where, f, "projection", (None, dim), "float32", finite=True)
+        _dataset(where, f, "map", w.shape, "float32", finite=True)
+        s_idx = _dataset(where, f, "shared/index", (None,), "int")
+        if not np.array_equal(s_idx, plan["shared"]):
+            raise CooptError(f"{where}: shared/index is not the plan's shared set S")
+        _dataset(where, f, "shared/targets", (len(s_idx), dim), "float16", finite=True)
+        s_skipped = _dataset(where, f, "shared/skipped", (None,), "int")
+        _skips(where, "shared/skipped", s_skipped, s_idx)
+        # Only an image file can fail to decode: in-memory data (npy, Fashion-MNIST) and the
+        # labels prior (no decoding at all) never skip, so a skipped row there is a lost sample.
+        why = ("the labels prior decodes no images" if prior.partition(":")[0] == "labels" else
+               f"{plan['dataset']} is held in memory" if ds.images is not None else None)
+        for key, sk in (("shard/skipped", u["skipped"]), ("shared/skipped", s_skipped)):
+            if why and len(sk):
+                raise CooptError(f"{where}: {key} lists {len(sk)} samples as undecodable, but {why}: none can fail")
+        n_k = len(u["keep"])
+        if td == "int8":
+            scale = _dataset(where, f, "shard/scale", (n_k, 1), "float32", finite=True, positive=True)[:, 0]
+            u["scale"] = None
+        elif td == "int8-dim":
+            scale = u["scale"] = _dataset(where, f, "scale", (dim,), "float32", finite=True, positive=True)
+        else:
+            scale = u["scale"] = None
+        u["sum"] = _dataset(where, f, "stats/sum", (dim,), "float64", finite=True)
+        u["sumsq"] = _dataset(where, f, "stats/sumsq", (dim,), "float64", finite=True)
+        s, ss, l1 = np.zeros(dim), np.zeros(dim), np.zeros(dim)
+        tg = f["shard/targets"]
+        step = max(1, CHECK_BLOCK_VALUES // dim)
+        for b in range(0, n_k, step):
+            sc = None if scale is None else torch.from_numpy(scale[b : b + step] if td == "int8" else scale)
+            y = codec.decode(torch.from_numpy(tg[b : b + step]), td, sc).numpy()  # float32, as the loader decodes
+            keep = u["keep"][b : b + step]
+            if not keep.all() and y[~keep].any():
+                raise CooptError(f"{where}: shard/targets of rows listed in shard/skipped are not zero "
+                                 f"(extract writes zero features there, which align maps to zero targets)")
+            sq = np.square(y).sum(0, dtype=np.float64)  # fp16/bf16 values square exactly in fp32
+            # A NaN or Inf makes its column's sum of squares non-finite; finite float32 squares
+            # cannot overflow float64, so this is the finiteness check, without another pass.
+            if not np.isfinite(sq).all():
+                raise CooptError(f"{where}: shard/targets has NaN or Inf values")
+            ss += sq
+            s += y.sum(0, dtype=np.float64)
+            l1 += np.abs(y).sum(0, dtype=np.float64)
+        for key, got, mass in (("stats/sum", s, l1), ("stats/sumsq", ss, ss)):
+            off = np.abs(u[key.replace("stats/", "")] - got) > STATS_RTOL * mass
+            if off.any():
+                j = int(np.argmax(off))
+                raise CooptError(f"{where}: {key} does not match shard/targets (dimension {j}: recorded "
+                                 f"{u[key.replace('stats/', '')][j]:.6g}, the targets give {got[j]:.6g})")
+
+
+def _changes(out: Path, inputs: dict, plan: dict) -> str:
+    """How merged.h5 differs from what merge would write now, "" if it is up to date: made from
+    the same uploads (sha256), hence the same shards missing, and from the same data set."""
+    try:
+        with store.open_complete(out, "merged store") as f:
+            recorded = store.attr_json(f, "inputs")
+            fingerprint = store.attr_json(f, "fingerprint")
+    except CooptError as e:
+        return f"but what it was made from cannot be told ({str(e).split(': ', 1)[-1]})"
+    except (ValueError, TypeError):
+        return "but what it was made from cannot be told (attribute inputs or fingerprint is not JSON)"
+    if not isinstance(recorded, dict):
+        return "but what it was made from cannot be told (attribute inputs is not a JSON object)"
+    diff = [f"{p} changed" for p in sorted(set(inputs) & set(recorded)) if inputs[p] != recorded[p]]
+    diff += [f"{p} is new" for p in sorted(set(inputs) - set(recorded))]
+    diff += [f"{p} is gone" for p in sorted(set(recorded) - set(inputs))]
+    if fingerprint != plan["fingerprint"]:
+        diff.append("the plan's data set differs")
+    return f"made from other inputs ({'; '.join(diff)})" if diff else ""
+
+
+def merge(run: str | Path, allow_missing: bool = False, progress: bool = True, force: bool = False) -> dict:
+    """Validate uploads and write RUN/merged.h5 (atomically: merged.h5.partial, then rename).
+
+    An existing merged.h5 made from the same uploads is kept (summary "skipped": True); one made
+    from other inputs is replaced only with force=True."""
     run = Path(run)
     t0 = time.perf_counter()
     plan = load_plan(run)
-    names = [nm for nm in list_participants(run) if (participant_dir(run, nm) / "aligned.h5").exists()]
+    everyone = list_participants(run)  # with features.h5: the reference may be one whose upload is missing
+    names = [nm for nm in everyone if (participant_dir(run, nm) / "aligned.h5").exists()]
     if not names:
         raise CooptError(f"{run}: no aligned uploads (run align first)")
     ups = [_validate(run, nm, plan) for nm in names]
@@ -120,22 +269,32 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
     if missing and not allow_missing:
         raise CooptError(f"{run}: shards {missing} have no upload (use --allow-missing to merge without them)")
     ds = plan_dataset(plan)
+    for u in ups:
+        _check_values(u, plan, ds, everyone)
 
     dim = dims.pop()
     n_total = plan["fingerprint"]["n"]
     # Images skipped at extraction (unreadable) are absent from the merged store, like missing shards.
     index = np.sort(np.concatenate([np.asarray(plan["shards"][k], dtype=np.int64)[by_shard[k]["keep"]]
                                     for k in sorted(by_shard)]))
+    if not len(index):
+        raise CooptError(f"{run}: every uploaded sample is skipped; nothing to merge")
     row_of = np.full(n_total, -1, dtype=np.int64)
     row_of[index] = np.arange(len(index))
     owner = np.empty(len(index), dtype=np.int16)
     s = sum(u["sum"] for u in ups)
     ss = sum(u["sumsq"] for u in ups)
-    mean = s / len(index)  # skipped rows are zeros: they add nothing to s and ss
+    mean = s / len(index)  # skipped rows are zeros (checked): they add nothing to s and ss
     std = np.sqrt(np.maximum(ss / len(index) - mean**2, 0.0))
     hold_images = ds.images is not None and ds.images[:1].nbytes * len(index) <= MAX_IMAGE_BYTES
     inputs = {str(u["path"].relative_to(run)): u["sha256"] for u in ups}
     rounds = {u["name"]: u["round"] for u in ups}
+    out = run / "merged.h5"
+    summary = {
+        "path": str(out), "rows": int(len(index)), "dim": int(dim), "participants": [u["name"] for u in ups],
+        "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images), "target_dtype": td,
+        "rounds": rounds, "skipped": False,
+    }
 
     def fill(f: h5py.File) -> None:
         for k, v in store.provenance(
@@ -160,7 +319,13 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
         f.create_dataset("target_mean", data=mean.astype(np.float32))
         f.create_dataset("target_std", data=std.astype(np.float32))
 
-    out = run / "merged.h5"
+    # Before the lock and the room check: being up to date needs neither. A merge that publishes
+    # between this check and our lock was made from these same uploads: replacing it changes nothing.
+    if out.exists() and not force:
+        changed = _changes(out, inputs, plan)
+        if changed:
+            raise CooptError(f"{out}: exists, {changed}; merge --force replaces it")
+        return summary | {"skipped": True, "seconds": time.perf_counter() - t0}
     # The store's size is known exactly: refuse up front rather than fail half-way (HDF5 then
     # also fails to close the file, noisily).
     need = len(index) * (codec.bytes_per_row(td, dim) + 10 + (ds.images[:1].nbytes if hold_images else 0)) + (1 << 20)
@@ -168,12 +333,7 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True) -
     with store.Lock(out):
         with disk_guard(out):
             _write(out, fill, ups, plan, row_of, index, ds.images if hold_images else None, progress)
-    return {
-        "path": str(run / "merged.h5"), "rows": int(len(index)), "dim": int(dim), "participants": [u["name"] for u in ups],
-        "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images), "target_dtype": td,
-        "rounds": rounds,
-        "seconds": time.perf_counter() - t0,
-    }
+    return summary | {"seconds": time.perf_counter() - t0}
 
 
 def _write(out: Path, fill, ups: list[dict], plan: dict, row_of: np.ndarray, index: np.ndarray, images, progress) -> None:
@@ -208,7 +368,14 @@ def _write(out: Path, fill, ups: list[dict], plan: dict, row_of: np.ndarray, ind
                 im[b : b + COPY_BLOCK_ROWS] = images[index[b : b + COPY_BLOCK_ROWS]]
             im.flush()
             del im
-        store.publish(h5py.File(part, "r+"), out)
+        f = h5py.File(part, "r+")
+        try:  # verify recomputes these: HDF5 checksums nothing in a contiguous, unfiltered dataset
+            for name in f:
+                f[name].attrs["sha256"] = store.dataset_sha256(f[name])
+        except BaseException:
+            store.abandon(f)
+            raise
+        store.publish(f, out)
     except BaseException:
         part.unlink(missing_ok=True)
         raise

@@ -12,6 +12,7 @@ store is the exception: contiguous and unfiltered, so the loader can np.memmap i
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -190,10 +191,10 @@ def check_schema(f: h5py.File, path: Path, what: str) -> None:
     attrs, datasets = SCHEMA.get(what, ((), ()))
     for a in attrs:
         if a not in f.attrs:
-            raise CooptError(f"{path}: missing attribute {a!r} (not a {what} file written by coopt-fast)")
+            raise CooptError(f"{path}: missing attribute {a} (not a {what} file written by coopt-fast)")
     for d in datasets:
         if not isinstance(f.get(d), h5py.Dataset):
-            raise CooptError(f"{path}: missing dataset {d!r} (not a {what} file written by coopt-fast)")
+            raise CooptError(f"{path}: missing dataset {d} (not a {what} file written by coopt-fast)")
 
 
 def open_complete(path: Path, what: str) -> h5py.File:
@@ -282,7 +283,11 @@ class Lock:
 
     A lock left by a dead process on this host (kill -9) is stale and taken over; a lock from
     another host cannot be checked from here and is refused with what is needed to clear it.
+    A lock that cannot be parsed (empty, torn, not JSON, no usable pid or host) is treated as
+    torn: its writer died between create and write, so it is stale once 5 s old.
     """
+
+    TORN_SECONDS = 5
 
     def __init__(self, path: Path):
         self.path = Path(path).with_name(Path(path).name + ".lock")
@@ -291,12 +296,18 @@ class Lock:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
               "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.is_dir():  # unlink cannot take it over
+            raise CooptError(f"{self.path}: is a folder, not a lock file; remove it")
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 if not self._stale():
                     other = self._read()
+                    if not other:  # "(pid None" is what bench/crash_harness.py's torn_lock matches
+                        raise CooptError(f"{self.path}: another writer holds this file (pid None: the lock is unreadable "
+                                         f"and under {self.TORN_SECONDS} s old, so its writer may be starting); retry, "
+                                         f"or remove the lock file") from None
                     raise CooptError(
                         f"{self.path}: another writer holds this file (pid {other.get('pid')} on {other.get('host')} "
                         f"since {other.get('since')}); if that process is gone, remove the lock file"
@@ -309,18 +320,26 @@ class Lock:
         raise CooptError(f"{self.path}: could not take the lock")
 
     def _read(self) -> dict:
+        """The lock's record, or {} when it is not one this class wrote (a pid from 1 to 2**31 - 1
+        and a host name): a hand-edited pid must never reach os.kill (0 and -1 signal groups)."""
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            other = json.loads(self.path.read_bytes().decode())
+        except (OSError, ValueError, RecursionError):
             return {}
+        ok = (isinstance(other, dict) and type(other.get("pid")) is int and 0 < other["pid"] < 2**31
+              and isinstance(other.get("host"), str))
+        return other if ok else {}
 
     def _stale(self) -> bool:
         other = self._read()
         if not other:  # empty or torn: its writer died between create and write
-            return time.time() - self.path.stat().st_mtime > 5
-        if other.get("host") != socket.gethostname():
+            try:
+                return time.time() - self.path.stat().st_mtime > self.TORN_SECONDS
+            except FileNotFoundError:  # removed meanwhile: free
+                return True
+        if other["host"] != socket.gethostname():
             return False
-        pid = int(other.get("pid", -1))
+        pid = other["pid"]
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -342,7 +361,7 @@ def write_manifest(folder: Path, filename: str) -> str:
 
     digest = file_sha256(folder / filename)
     man = folder / "manifest.json"
-    data = json.loads(man.read_text()) if man.exists() else {}
+    data = read_manifest(folder)
     data[filename] = digest
     tmp = man.with_name("manifest.json.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
@@ -351,13 +370,19 @@ def write_manifest(folder: Path, filename: str) -> str:
 
 
 def read_manifest(folder: Path) -> dict:
+    """A participant's manifest.json as {file name: sha256}; one line naming it when it is anything else."""
     man = folder / "manifest.json"
     if not man.exists():
         return {}
     try:
-        return json.loads(man.read_text())
+        data = json.loads(man.read_text())
     except ValueError:
         raise CooptError(f"{man}: not valid JSON") from None
+    except OSError as e:
+        raise CooptError(f"{man}: unreadable ({e.strerror})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise CooptError(f"{man}: not a JSON object of file name -> sha256 strings")
+    return data
 
 
 def abandon(f: h5py.File) -> None:
@@ -368,3 +393,26 @@ def abandon(f: h5py.File) -> None:
             f.close()
     except (OSError, RuntimeError):
         pass
+
+
+DIGEST_BLOCK_BYTES = 64 << 20  # rows read per step when hashing: bounded memory for any row width
+
+
+def dataset_blocks(ds: h5py.Dataset):
+    """A dataset's values in row blocks of at most ~64 MiB (a scalar dataset: once, whole)."""
+    if ds.shape == ():
+        yield ds[()]
+        return
+    row = ds.dtype.itemsize * int(np.prod(ds.shape[1:], dtype=np.int64))
+    step = max(1, DIGEST_BLOCK_BYTES // max(1, row))
+    for b in range(0, ds.shape[0], step):
+        yield ds[b : b + step]
+
+
+def dataset_sha256(ds: h5py.Dataset) -> str:
+    """sha256 of a dataset's bytes in C order (its values, whatever the file layout): merge
+    records it on each dataset of merged.h5, verify recomputes it."""
+    h = hashlib.sha256()
+    for block in dataset_blocks(ds):
+        h.update(np.ascontiguousarray(block).data)
+    return h.hexdigest()

@@ -4,10 +4,13 @@ Checks: plan.json parses and its data set still has the recorded fingerprint; ea
 has this format_version and complete = True; every dataset reads back in full (HDF5 verifies
 the fletcher32 checksum of each chunk as it reads); indices match the plan; values are finite;
 each upload's sha256 matches its participant's manifest.json; merged.h5's recorded input hashes
-match the uploads; leftover .partial and .lock files are reported (work in progress or a crash).
+match the uploads; each merged.h5 dataset's bytes still have the sha256 merge recorded on it
+(contiguous and unfiltered for np.memmap, the merged store has no HDF5 checksum: this is what
+sees a changed row); leftover .partial and .lock files are reported (work in progress or a crash).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,21 +22,26 @@ from .errors import CooptError
 from .plan import load_plan, plan_dataset
 from .priors import file_sha256
 
-BLOCK = 65536
-
-
-def _read_all(f: h5py.File) -> list[str]:
-    """Read every dataset in blocks (checksums verified by HDF5); names of non-finite float datasets."""
+def _read_all(f: h5py.File, digests: dict | None = None) -> list[str]:
+    """Read every dataset in blocks (checksums verified by HDF5); names of non-finite float datasets.
+    digests: filled with {dataset name: sha256 of its bytes}, taken in the same read."""
     bad = []
 
     def visit(name, obj):
-        if not isinstance(obj, h5py.Dataset) or obj.shape == () or obj.shape[0] == 0:
+        if not isinstance(obj, h5py.Dataset):
             return
-        for b in range(0, obj.shape[0], BLOCK):
-            block = obj[b : b + BLOCK]
-            if obj.dtype.kind == "f" and not np.isfinite(block).all():
+        h = hashlib.sha256() if digests is not None else None
+        finite = True
+        for block in store.dataset_blocks(obj):
+            if finite and obj.dtype.kind == "f" and not np.isfinite(block).all():
                 bad.append(name)
-                return
+                finite = False
+                if h is None:
+                    return
+            if h is not None:
+                h.update(np.ascontiguousarray(block).data)
+        if h is not None:
+            digests[name] = h.hexdigest()
 
     f.visititems(visit)
     return bad
@@ -45,16 +53,23 @@ def _check_file(path: Path, what: str, plan: dict | None, shard: int | None) -> 
         f = store.open_complete(path, what)
     except CooptError as e:
         return [("open", False, str(e).split(": ", 1)[-1])]
+    digests = {} if what == "merged store" else None
     with f:
         rows.append(("format/complete", True, f"format_version {f.attrs['format_version']}"))
         try:
-            nonfinite = _read_all(f)
+            nonfinite = _read_all(f, digests)
             rows.append(("checksums", True, "every chunk read back"))
         except OSError as e:
             return rows + [("checksums", False, str(e).splitlines()[0][:120])]
         rows.append(("finite", not nonfinite, "all values finite" if not nonfinite else f"NaN/Inf in {', '.join(nonfinite)}"))
+        for name, digest in (digests or {}).items():
+            rec = f[name].attrs.get("sha256")
+            rec = rec.decode() if isinstance(rec, bytes) else rec
+            rows.append((f"sha256 {name}", rec == digest, "matches the digest recorded at merge" if rec == digest else
+                         "no digest recorded (merged by an older coopt-fast: rerun merge --force)" if rec is None else
+                         f"bytes changed since merge ({digest[:12]}, merge recorded {str(rec)[:12]})"))
         if plan is not None and "shard/index" in f:
-            k = int(f.attrs.get("shard", shard if shard is not None else -1))
+            k = _int(f.attrs.get("shard", shard if shard is not None else -1))
             ok = 0 <= k < plan["participants"] and np.array_equal(f["shard/index"][:], plan["shards"][k])
             ok = ok and np.array_equal(f["shared/index"][:], plan["shared"])
             rows.append(("plan", ok, f"shard {k} and S match the plan" if ok else "indices differ from the plan"))
@@ -123,6 +138,14 @@ def _shard_of(features: Path) -> int | None:
     """The shard a participant extracted (aligned.h5 does not repeat it)."""
     try:
         with h5py.File(features, "r") as f:
-            return int(f.attrs["shard"])
+            return _int(f.attrs["shard"])
     except (OSError, KeyError):
         return None
+
+
+def _int(v) -> int:
+    """An integer attribute, or -1 (no shard) when it is not one: a fault for the plan check to name."""
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return -1

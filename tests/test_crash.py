@@ -3,7 +3,10 @@ rerun, and check the outputs equal an uninterrupted run's.
 
 The campaign is bench/crash_harness.py (its docstring has the method), run here at CI size:
 about 20-25 kill points that land while the process works, in ~2-3 minutes on 2 cores; the
-harness's `--full` mode has more kill points and larger data.
+harness's `--full` mode has more kill points and larger data. Its "upload" part (5 more kills,
+~30 s beside the campaigns) kills align and merge at exact points of publishing (an upload
+half-published, a torn manifest.json, a store written but not renamed) and checks that merge
+refuses with one line until the participant fixes it.
 
 The other tests interrupt at chosen points in-process (KeyboardInterrupt from a patched call:
 what Ctrl-C does, with the CLI's "rerun the same command to resume") to reach windows too
@@ -64,6 +67,16 @@ def test_killed_and_rerun_equals_uninterrupted(campaign, command):
     assert r.ok, "\n".join(r.failures)
     assert r.kills >= MIN_KILLS_EACH, f"{command}: only {r.kills} kills landed while it ran ({r.late} late)"
     assert r.sequences >= 1
+
+
+def test_a_half_published_upload_is_refused_with_one_line_until_fixed(campaign):
+    r = campaign[harness.UPLOAD]
+    assert r.ok, "\n".join(r.failures)
+    assert r.sequences == len(harness.UPLOAD_CASES)  # every scenario ended equal to the uncrashed store
+    lines = {case: line for case, line in r.kill_log if isinstance(line, str)}
+    for case, _, _, expect, _ in harness.UPLOAD_CASES:
+        if expect is not None:
+            assert expect in lines.get(case, "") and "\n" not in lines[case], (case, lines.get(case))
 
 
 # ---- small runs for the in-process interruptions -------------------------------------------
