@@ -26,6 +26,8 @@ def pretrain(
     max_seconds: float = typer.Option(None, "--max-seconds", help="wall-clock budget: stop after the step that exceeds it"),
     max_steps: int = typer.Option(None, "--max-steps", help="stop after this many optimizer steps"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT.state.pt"),
+    force: bool = typer.Option(False, "--force", help="start over, replacing the run OUT holds (without it an OUT "
+                               "that holds a started or finished run is refused)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile on CUDA"),
     snapshots: int = typer.Option(0, "--snapshots", help="also save N copies of the backbone at evenly spaced "
@@ -40,7 +42,7 @@ def pretrain(
     """
     s = run_pretrain(dataset, method, arch, epochs, out, batch_size=batch_size, lr=lr, wd=wd,
                      labeled_fraction=labeled_fraction, seed=seed, limit=limit, input_size=input_size,
-                     max_seconds=max_seconds, max_steps=max_steps, resume=resume, device=device,
+                     max_seconds=max_seconds, max_steps=max_steps, resume=resume, force=force, device=device,
                      compile=compile, snapshots=snapshots, progress=not quiet)
     t = Table(title=f"pretrain {method} {arch}")
     for k in ("checkpoint", "samples", "input_size", "device", "epochs", "steps", "stopped", "resumed",

@@ -31,6 +31,8 @@ def train(
     max_seconds: float = typer.Option(None, "--max-seconds", help="wall-clock budget: stop after the step that exceeds it"),
     max_steps: int = typer.Option(None, "--max-steps", help="stop after this many optimizer steps"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT/state.pt"),
+    force: bool = typer.Option(False, "--force", help="start over in an OUT that already holds a run (its "
+                               "student.pt, state.pt, log and snapshots are removed; without it: refused)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     compile: bool = typer.Option(True, "--compile/--no-compile", help="torch.compile on CUDA"),
     store_on_device: str = typer.Option("auto", "--store-on-device", help="CUDA: keep the merged store in GPU memory "
@@ -48,7 +50,7 @@ def train(
     for --resume (bitwise-exact on the CPU), OUT/train.jsonl and OUT/curve.png.
     """
     s = run_train(run, student, epochs, out, batch_size=batch_size, lr=lr, wd=wd, seed=seed, input_size=input_size,
-                  max_seconds=max_seconds, max_steps=max_steps, resume=resume, device=device, compile=compile,
+                  max_seconds=max_seconds, max_steps=max_steps, resume=resume, force=force, device=device, compile=compile,
                   resident=parse_resident(store_on_device), snapshots=snapshots, progress=not quiet)
     t = Table(title=f"train {student}")
     for k in ("checkpoint", "rows", "target_dim", "input_size", "device", "compiled", "epochs", "steps", "stopped",

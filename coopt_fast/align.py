@@ -13,11 +13,19 @@ Writes RUN/participants/NAME/aligned.h5:
   projection [l_k, n] float32 (W_k); map [l_k, n] float32 (W_k T_k)
   stats/sum, stats/sumsq [n] float64: per-dimension sums of the stored shard targets
   attrs: reference, residual, dim, projection_seed, ridge, prior, uniformity, round (features.h5's), ...
+
+Before computing anything, every features.h5 the command reads is checked (check_features: whole,
+the sha256 its participant's manifest.json records, this run's data set, shard and S), so a bad
+file refuses the command before any aligned.h5 is written. An existing aligned.h5 with the same
+identity (reference, dim, ridge, projection seed, features, target dtype, S*) is up to date and
+left alone; one with another identity is replaced only with force=True (--force).
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import os
 import time
 from pathlib import Path
 
@@ -29,11 +37,14 @@ from . import scores as prior_scores
 from .errors import CooptError, DiskFullError, disk_guard
 from .extract import check_name, participant_dir
 from .plan import load_plan
+from .priors import file_sha256
 from .progress import bar
 
 CONSENSUS = "consensus"
 APPLY_BLOCK_ROWS = 32768  # rows per grouped launch: 32k x 2048 fp16 = 128 MiB of features at most
 RIDGE_AUTO_FACTOR = 1e-2  # ridge relative to mean squared singular value of F(S)W, when |S| < 4 l_k
+MAX_DIM = 65536  # 32x resnet50's 2048 features; a float16 target row of 128 KiB (check_memory bounds it further)
+RESERVED = (CONSENSUS, "best", "none")  # --reference words: a participant of that name makes them ambiguous
 
 
 def participants(run: str | Path) -> list[str]:
@@ -83,19 +94,24 @@ def _shared_features(run: Path, name: str) -> torch.Tensor:
         return torch.from_numpy(f["shared/features"][:][ok].astype(np.float32))
 
 
-def choose_reference(run: Path, names: list[str], reference: str, score: str = prior_scores.DEFAULT_SCORE) -> str | None:
+def check_reference(run: Path, names: list[str], reference: str, score: str) -> None:
+    """--reference and --score, before any file is read. names: the participants with features."""
     if score not in prior_scores.SCORES:
         raise CooptError(f"--score: unknown score {score!r}; choose from {', '.join(prior_scores.SCORES)}")
+    if reference in RESERVED:
+        if reference in names:
+            raise CooptError(f"--reference {reference} is ambiguous: a participant is named {reference!r}")
+        return
+    check_name(reference)
+    if reference not in names:
+        raise CooptError(f"--reference {reference}: no such participant with features in {run}")
+
+
+def choose_reference(run: Path, names: list[str], reference: str, score: str = prior_scores.DEFAULT_SCORE) -> str | None:
+    check_reference(run, names, reference, score)
     if reference == "none":
         return None
-    if reference == CONSENSUS:
-        if CONSENSUS in names:
-            raise CooptError(f"--reference {CONSENSUS} is ambiguous: a participant is named {CONSENSUS!r}")
-        return CONSENSUS
     if reference != "best":
-        check_name(reference)
-        if not (participant_dir(run, reference) / "features.h5").exists():
-            raise CooptError(f"--reference {reference}: no such participant with features in {run}")
         return reference
     values = {nm: prior_scores.compute(_shared_features(run, nm), score) for nm in names}
     ref = prior_scores.best(values, score)
@@ -131,11 +147,15 @@ def align(
     target_dtype: str = "float16",
     progress: bool = True,
     score: str = prior_scores.DEFAULT_SCORE,
+    force: bool = False,
 ) -> dict:
     """Align one participant (local mode) or all of them; write each aligned.h5.
 
     reference "best" takes the participant with the best `score` on S (coopt_fast.scores).
     target_dtype: how the uploaded targets are stored (see coopt_fast.codec).
+    force: (re)write every participant's aligned.h5. Without it, an existing aligned.h5 identical to
+    what align would write is left alone (its row says "skipped"), and any other is refused,
+    naming what differs.
     The summary's "warnings" (also printed by the CLI) name a reference of low effective rank
     and fits with fewer rows of S than feature dims (under-determined: the ridge decides).
     """
@@ -143,8 +163,10 @@ def align(
 
     run = Path(run)
     codec.check(target_dtype)
-    if dim < 1:
-        raise CooptError(f"--dim must be >= 1, got {dim}")
+    if not 1 <= dim <= MAX_DIM:
+        raise CooptError(f"--dim must be in [1, {MAX_DIM}], got {dim}")
+    if ridge is not None and not (math.isfinite(ridge) and ridge >= 0):
+        raise CooptError(f"--ridge must be a finite number >= 0, got {ridge}")
     plan = load_plan(run)
     everyone = participants(run)
     if not everyone:
@@ -152,10 +174,16 @@ def align(
     if participant is not None and participant not in everyone:
         check_name(participant)
         raise CooptError(f"{participant_dir(run, participant) / 'features.h5'}: not found (run extract first)")
+    check_reference(run, everyone, reference, score)
+    todo = [participant] if participant else everyone
+    check_memory(plan, dim, len(everyone), len(todo))
+    # Everything read is checked before anything is computed or written: the consensus and
+    # "best" read everyone's features on S, a named reference its own.
+    for nm in everyone if reference in (CONSENSUS, "best") else sorted(set(todo) | {reference} - {"none"}):
+        check_features(run, nm, plan, shard=nm in todo)
     ref = choose_reference(run, everyone, reference, score)
     s_star, ref_ok = consensus_targets(run, everyone, dim) if ref == CONSENSUS else (None, None)
     warnings = reference_warnings(run, ref, dim, None if s_star is None else s_star[ref_ok])
-    todo = [participant] if participant else everyone
     # The reference aligns first: its stored (float16) shared targets are S* for everyone, in
     # local and in all-participants mode alike, so both modes give the same bits.
     if ref in todo:
@@ -168,10 +196,9 @@ def align(
         with store.open_complete(fpath, "features") as f:
             fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
             ok = torch.from_numpy(store.decoded_on_s(f))  # decoded rows of S
-            if not torch.isfinite(fs).all():
-                raise CooptError(f"{fpath}: shared/features has NaN or Inf values")
             meta = {k: f.attrs[k] for k in ("prior", "uniformity", "feature_dim")}
             meta["round"] = int(f.attrs.get("round", 0))
+            features_id = _features_id(f)
         seed = projection_seed(plan["seed"], name)
         w = projection(fs.shape[1], dim, seed)
         if ref is None or name == ref:
@@ -192,26 +219,147 @@ def align(
         # The reference (and --reference none) fits nothing: residual 0 by definition.
         residual = 0.0 if ref is None or name == ref else float(
             (fs[use] @ m - s_star[use]).norm() / s_star[use].norm().clamp_min(1e-30))
+        # What an aligned.h5 is made from: a partial resumes, and a published one is up to date, only if equal.
+        identity = {"participant": name, "reference": ref or "none", "dim": int(dim), "ridge": float(lam),
+                    "projection_seed": int(seed), "features_sha256": features_id, "target_dtype": target_dtype,
+                    "s_star": s_star_id(None if ref is None else s_star)}
         fits[name] = dict(w=w, map=m, ridge=lam, seed=seed, shared=shared_t, residual=residual, meta=meta,
-                          s_star=s_star_id(None if ref is None else s_star))
+                          identity=identity)
 
-    with contextlib.ExitStack() as locks:  # one writer per aligned.h5
-        for nm in fits:
-            locks.enter_context(store.Lock(participant_dir(run, nm) / "aligned.h5"))
-        with disk_guard(run / "participants"):
-            _apply_all(run, fits, ref, dim, target_dtype, progress, align_apply)
+    # Decided for everyone before anything is written: one refusal leaves every file as it was.
+    state = {nm: "write" if force else _published(participant_dir(run, nm) / "aligned.h5", ft["identity"])
+             for nm, ft in fits.items()}
+    write = {nm: ft for nm, ft in fits.items() if state[nm] == "write"}
+    if write:
+        with contextlib.ExitStack() as locks:  # one writer per aligned.h5
+            for nm in write:
+                locks.enter_context(store.Lock(participant_dir(run, nm) / "aligned.h5"))
+            with disk_guard(run / "participants"):
+                _apply_all(run, write, ref, dim, target_dtype, progress, align_apply)
     for nm in fits:
-        store.write_manifest(participant_dir(run, nm), "aligned.h5")
+        if state[nm] in ("write", "unrecorded"):
+            store.write_manifest(participant_dir(run, nm), "aligned.h5")
     rows = [
         {"participant": nm, "prior": str(ft["meta"]["prior"]), "uniformity": float(ft["meta"]["uniformity"]),
          "feature_dim": int(ft["meta"]["feature_dim"]), "residual": ft["residual"], "ridge": ft["ridge"],
-         "reference": nm == ref, "round": ft["meta"]["round"]}
+         "reference": nm == ref, "round": ft["meta"]["round"], "skipped": nm not in write}
         for nm, ft in fits.items()
     ]
     return {"reference": ref, "score": score if reference == "best" else None, "warnings": warnings,
             "dim": dim, "target_dtype": target_dtype,
             "bytes_per_row": codec.bytes_per_row(target_dtype, dim), "participants": rows,
             "seconds": time.perf_counter() - t0}
+
+
+def check_memory(plan: dict, dim: int, k: int, writers: int) -> None:
+    """Refuse a --dim whose largest allocations exceed this machine's memory (one line, not a failed
+    allocation or the OOM killer): fit_map's ridge system [|S| + n, n] float64 (n^2 dominates:
+    32 GiB at n = 65536), consensus_targets' [|S|, K n] float64 three times (projected, centred,
+    SVD), and one grouped block of float32 outputs [APPLY_BLOCK_ROWS, n] per participant written."""
+    s = len(plan["shared"])
+    rows = min(APPLY_BLOCK_ROWS, max(len(sh) for sh in plan["shards"]))
+    need = 8 * dim * (dim + s) + 3 * 8 * s * k * dim + 4 * rows * dim * writers
+    ram = physical_memory()
+    if need > ram:
+        raise CooptError(f"--dim {dim}: align needs about {need / 2**30:.1f} GiB of memory at this dim "
+                         f"(|S| = {s}, {k} participants), more than this machine's {ram / 2**30:.1f} GiB")
+
+
+def physical_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def number_attr(f, path: Path, name: str, kind=float):
+    """A numeric attribute; one line naming it when a hand-edited file holds something else."""
+    try:
+        return kind(f.attrs[name])
+    except (TypeError, ValueError):
+        raise CooptError(f"{path}: attribute {name!r} is {f.attrs[name]!r}, not {'an integer' if kind is int else 'a number'}") from None
+
+
+def feature_layout(f, path: Path) -> int:
+    """The width of an open features.h5 whose shapes and numbers are what extract writes: both groups
+    [index rows, feature_dim], numeric feature_dim, uniformity and round. score and inspect check
+    this before reading (check_features too)."""
+    for name, kind in (("uniformity", float), ("round", int)):
+        number_attr(f, path, name, kind)
+    width = number_attr(f, path, "feature_dim", int)
+    for g in ("shard", "shared"):
+        n, x = f[f"{g}/index"].shape[0], f[f"{g}/features"]
+        if x.shape != (n, width) or width < 1:
+            raise CooptError(f"{path}: {g}/features has shape {x.shape}, expected ({n}, {width}) "
+                             f"({g}/index rows, attribute feature_dim)")
+    return width
+
+
+def check_features(run: Path, name: str, plan: dict, shard: bool = True) -> None:
+    """A participant's features.h5 is what it published, for this run: whole (store.SCHEMA), the
+    sha256 its manifest.json records, written by this participant from this plan's data set, shard
+    and S, with shapes that agree and finite features on S (and on its shard, when `shard`: the
+    participants align writes). Costs one hash of the file and one read of its shard features."""
+    folder = participant_dir(run, name)
+    path = folder / "features.h5"
+    with store.open_complete(path, "features") as f:
+        recorded = store.read_manifest(folder).get("features.h5")
+        if recorded is None:
+            raise CooptError(f"{path}: not recorded in {folder / 'manifest.json'} (extract records what it publishes)")
+        digest = file_sha256(path)
+        if digest != recorded:
+            raise CooptError(f"{path}: sha256 {digest[:12]} differs from the {recorded[:12]} recorded in "
+                             f"{folder / 'manifest.json'} (replaced or changed since extract published it)")
+        if not store._attr_eq(f.attrs["participant"], name):
+            raise CooptError(f"{path}: extracted by participant {f.attrs['participant']!r}, not by {name!r} whose folder holds it")
+        fp = plan["fingerprint"]["sha256"]
+        if not store._attr_eq(f.attrs["dataset_sha256"], fp):
+            raise CooptError(f"{path}: extracted from another data set (dataset_sha256 {str(f.attrs['dataset_sha256'])[:12]}, "
+                             f"plan.json has {fp[:12]})")
+        k = number_attr(f, path, "shard", int)
+        if not (0 <= k < len(plan["shards"]) and np.array_equal(f["shard/index"][:], plan["shards"][k])):
+            raise CooptError(f"{path}: shard/index is not shard {k} of plan.json")
+        if not np.array_equal(f["shared/index"][:], plan["shared"]):
+            raise CooptError(f"{path}: shared/index is not plan.json's shared set S")
+        feature_layout(f, path)
+        for g in ("shard", "shared"):
+            if not np.isin(f[f"{g}/skipped"][:], f[f"{g}/index"][:]).all():
+                raise CooptError(f"{path}: {g}/skipped lists samples outside {g}/index")
+        for g in ("shared", "shard") if shard else ("shared",):
+            x = f[f"{g}/features"]
+            bad = next((b for b in range(0, x.shape[0], APPLY_BLOCK_ROWS)
+                        if not np.isfinite(x[b : b + APPLY_BLOCK_ROWS]).all()), None)
+            if bad is not None:
+                raise CooptError(f"{path}: {g}/features has NaN or Inf values (rows {bad}..)")
+
+
+def _plain(v):
+    return v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v
+
+
+def _published(path: Path, identity: dict) -> str:
+    """What to do with a participant's aligned.h5: "write" (none yet), "skip" (it is this very
+    alignment), "unrecorded" (it is, but its manifest.json lacks it: an align interrupted after
+    publishing). Anything else there is refused: replacing it takes --force."""
+    if not path.exists():
+        return "write"
+    again = "rerun with --force to replace it"
+    try:
+        f = store.open_complete(path, "aligned targets")
+    except CooptError as e:
+        raise CooptError(f"{e}; {again}") from None
+    with f:
+        diff = {k: (f.attrs.get(k), v) for k, v in identity.items() if not store._attr_eq(f.attrs.get(k), v)}
+    if diff:
+        if identity["reference"] == CONSENSUS:  # one S* for all: a change for one is a change for everyone
+            why = " (another participant's features changed since)" if set(diff) == {"s_star"} else ""
+            again = f"the consensus S* moved{why} and everyone is fitted to it: rerun with --force to realign everyone"
+        said = "; ".join(f"{k} {_plain(old)!r}, now {new!r}" for k, (old, new) in diff.items())
+        raise CooptError(f"{path}: holds another alignment ({said}); {again}")
+    recorded = store.read_manifest(path.parent).get("aligned.h5")
+    if recorded is None:
+        return "unrecorded"
+    if recorded != file_sha256(path):
+        raise CooptError(f"{path}: sha256 differs from the {recorded[:12]} recorded in {path.parent / 'manifest.json'} "
+                         f"(changed since align published it); {again}")
+    return "skip"
 
 
 def consensus_targets(run: Path, names: list[str], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,8 +414,14 @@ def _reference_targets(run: Path, ref: str, dim: int) -> tuple[torch.Tensor, tor
     with store.open_complete(path, "aligned targets") as f:
         if str(f.attrs["reference"]) != ref or int(f.attrs["dim"]) != dim:
             raise CooptError(f"{path}: published for reference {f.attrs['reference']!r}, dim {f.attrs['dim']}; expected {ref!r}, {dim}")
-        ok = store.decoded_on_s(f)
-        return torch.from_numpy(f["shared/targets"][:].astype(np.float32)), torch.from_numpy(ok)
+        if store.read_manifest(path.parent).get("aligned.h5") != file_sha256(path):
+            raise CooptError(f"{path}: sha256 is not the one {path.parent / 'manifest.json'} records (changed since "
+                             f"the reference published it, or align --participant {ref} was interrupted: rerun it)")
+        t = f["shared/targets"][:].astype(np.float32)
+        if t.shape != (f["shared/index"].shape[0], dim) or not np.isfinite(t).all():
+            raise CooptError(f"{path}: shared/targets must be finite with shape ({f['shared/index'].shape[0]}, {dim}), "
+                             f"got shape {t.shape}")
+        return torch.from_numpy(t), torch.from_numpy(store.decoded_on_s(f))
 
 
 def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, align_apply) -> None:
@@ -276,11 +430,8 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
     try:
         for name, ft in fits.items():
             srcs[name] = store.open_complete(participant_dir(run, name) / "features.h5", "features")
-            identity = {"participant": name, "reference": ref or "none", "dim": int(dim), "ridge": float(ft["ridge"]),
-                        "projection_seed": int(ft["seed"]), "features_sha256": _features_id(srcs[name]),
-                        "target_dtype": td, "s_star": ft["s_star"]}
             path = participant_dir(run, name) / "aligned.h5"
-            f, _ = store.open_partial(path, identity)
+            f, _ = store.open_partial(path, ft["identity"])
             for key in ("shard/index", "shared/index", "shard/skipped", "shared/skipped"):
                 if key not in f:
                     f.create_dataset(key, data=srcs[name][key][:])
@@ -296,7 +447,7 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
             if "stats/running" not in f:
                 f.create_dataset("stats/running", data=np.zeros(2 * dim + 2))
             _resume_stats(f, tgt)
-            f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"], "s_star": ft["s_star"],
+            f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"], "s_star": ft["identity"]["s_star"],
                             "uniformity": ft["meta"]["uniformity"], "round": ft["meta"]["round"]})
             outs[name] = (f, tgt, path)
         total = sum(srcs[nm]["shard/features"].shape[0] for nm in fits)
@@ -309,10 +460,7 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
                 xs, maps = [], []
                 for nm in live:
                     s = store.rows_done(outs[nm][1])
-                    x = torch.from_numpy(srcs[nm]["shard/features"][s : s + APPLY_BLOCK_ROWS])
-                    if not torch.isfinite(x).all():
-                        raise CooptError(f"{srcs[nm].filename}: shard/features has NaN or Inf values (rows {s}..)")
-                    xs.append(x)
+                    xs.append(torch.from_numpy(srcs[nm]["shard/features"][s : s + APPLY_BLOCK_ROWS]))  # finite: check_features
                     maps.append(fits[nm]["map"])
                 ys, sums, sumsqs = align_apply(xs, maps, out_dtype=codec.kernel_dtype(td))
                 for g, nm in enumerate(live):
@@ -393,7 +541,9 @@ def score(run: str | Path, by: str = prior_scores.DEFAULT_SCORE) -> dict:
         raise CooptError(f"{run}: no participant has extracted features yet")
     values, rows = {}, []
     for nm in names:  # one read of each features.h5: the attrs and the features on S
-        with store.open_complete(participant_dir(run, nm) / "features.h5", "features") as f:
+        path = participant_dir(run, nm) / "features.h5"
+        with store.open_complete(path, "features") as f:
+            feature_layout(f, path)
             ok = store.decoded_on_s(f)
             values[nm] = prior_scores.all_scores(torch.from_numpy(f["shared/features"][:][ok].astype(np.float32)))
             rows.append({"participant": nm, "prior": str(f.attrs["prior"]), "feature_dim": int(f.attrs["feature_dim"]),

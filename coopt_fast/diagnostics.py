@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import store
-from .align import participants as list_participants
+from .align import feature_layout, number_attr, participants as list_participants
 from .errors import CooptError
 from .extract import participant_dir
 
@@ -140,8 +140,9 @@ def inspect(run: str | Path, plot: bool = True, seed: int = 0, classifier: str =
         raise CooptError(f"{run}: no aligned participants to inspect (run align first)")
     before, after, rows = {}, {}, []
     for k, nm in enumerate(names):
-        with store.open_complete(participant_dir(run, nm) / "features.h5", "features") as ff, \
-                store.open_complete(participant_dir(run, nm) / "aligned.h5", "aligned targets") as fa:
+        fpath, apath = participant_dir(run, nm) / "features.h5", participant_dir(run, nm) / "aligned.h5"
+        with store.open_complete(fpath, "features") as ff, store.open_complete(apath, "aligned targets") as fa:
+            _check_pair(ff, fpath, fa, apath)
             sel = _sample(ff["shard/features"].shape[0], SAMPLE_ROWS, seed + k)
             feats = torch.from_numpy(ff["shard/features"][sel].astype(np.float32))
             before[nm] = feats @ torch.from_numpy(fa["projection"][:])
@@ -158,6 +159,19 @@ def inspect(run: str | Path, plot: bool = True, seed: int = 0, classifier: str =
     if plot:
         out["plot"] = str(_plot(run / "inspect.png", before, after))
     return out
+
+
+def _check_pair(ff, fpath: Path, fa, apath: Path) -> None:
+    """aligned.h5 fits the features.h5 beside it (what inspect multiplies and samples), so a
+    hand-edited file is one line naming it, not a shape error deep in torch."""
+    width = feature_layout(ff, fpath)
+    dim = number_attr(fa, apath, "dim", int)
+    number_attr(fa, apath, "residual")
+    want = {"projection": (width, dim), "shard/targets": (ff["shard/features"].shape[0], dim)}
+    for name, shape in want.items():
+        if fa[name].shape != shape:
+            raise CooptError(f"{apath}: {name} has shape {fa[name].shape}, expected {shape} "
+                             f"(feature_dim of {fpath.name}, its shard rows, attribute dim)")
 
 
 def _pca2(sets: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -39,11 +39,11 @@ from . import augment
 from .data import load_dataset
 from .errors import CooptError
 from .loader import epoch_permutation, read_images
-from .priors import build_backbone, save_checkpoint
+from .priors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, build_backbone, save_checkpoint
 from .store import VERSION
 from .student import (autocast, default_input_size, default_norm, fit, lr_factor,
                       maybe_compile, param_groups, resolve_device, resume, rng_state, save_state, write_log,
-                      check_budget)
+                      check_budget, check_out, clear_out)
 
 METHODS = ("supervised", "byol", "simclr")
 
@@ -134,6 +134,7 @@ class PretrainConfig:
     max_seconds: float | None = None  # wall-clock budget of this call (schedule anneals within it)
     max_steps: int | None = None
     resume: bool = False
+    force: bool = False               # start over in an OUT that holds a run
     device: str = "cpu"
     compile: bool = True              # CUDA only
     progress: bool = True
@@ -160,10 +161,14 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
     out = Path(cfg.out)
     if out.suffix not in (".pt", ".pth", ".safetensors"):
         raise CooptError(f"{out}: checkpoint must end in .pt, .pth or .safetensors")
+    state_path, log_path = Path(str(out) + ".state.pt"), Path(str(out) + ".log.jsonl")
+    check_out([out, state_path], cfg.resume, cfg.force)
     wd = cfg.wd if cfg.wd is not None else (0.01 if cfg.method == "supervised" else 1e-4)
     dev = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset).subset(cfg.limit)
     size = cfg.input_size or default_input_size(cfg.arch, ds.shape)
+    if not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:  # the checkpoint must be one extract and probe accept
+        raise CooptError(f"--input-size {size}: must be in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}]")
     mean, std = default_norm(cfg.arch)
 
     pool = torch.arange(len(ds))
@@ -198,7 +203,8 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
                 "batch_size": bs, "input_size": size, "lr": cfg.lr, "wd": wd,
                 "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "proj_hidden": cfg.proj_hidden,
                 "proj_dim": cfg.proj_dim}
-    state_path, log_path = Path(str(out) + ".state.pt"), Path(str(out) + ".log.jsonl")
+    if cfg.force:
+        clear_out([out, state_path, log_path, *out.parent.glob(f"{out.stem}.snap*{out.suffix}")])
     loop = resume(state_path, identity, model, opt, gen) if cfg.resume else None
     resumed = loop is not None
     meta = {"arch": cfg.arch, "input_size": size, "mean": list(mean), "std": list(std), "method": cfg.method,

@@ -48,6 +48,10 @@ from .progress import bar
 from .store import VERSION
 
 WARMUP_FRACTION = 0.05  # of all planned steps; short runs need a short warmup
+# px per side a student checkpoint may record: what extract and probe accept when they load it
+# (priors.read_checkpoint); 4096 px is 335x ImageNet's 224^2 pixels, one float32 RGB image 192 MiB
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 4096
+MAX_SEED = 2**32 - 1    # epoch_permutation seeds with seed * 1_000_003 + epoch: stays inside torch's 64-bit range
 
 
 # ---- shared by train and pretrain ---------------------------------------------------------
@@ -108,12 +112,39 @@ def lr_factor(progress: float, warmup: float = WARMUP_FRACTION) -> float:
 
 
 def check_budget(cfg) -> None:
-    """Options shared by train and pretrain that, when set, must be positive."""
+    """Options shared by train and pretrain: sizes and budgets, when set, positive and finite;
+    the seed and the input size within what the generators and memory take."""
     for flag, v in (("--input-size", cfg.input_size), ("--max-steps", cfg.max_steps), ("--max-seconds", cfg.max_seconds)):
         if v is not None and (v <= 0 or not math.isfinite(v)):
             raise CooptError(f"{flag} must be > 0, got {v}")
+    if cfg.input_size is not None and not MIN_INPUT_SIZE <= cfg.input_size <= MAX_INPUT_SIZE:
+        raise CooptError(f"--input-size must be in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}] px, got {cfg.input_size}")
     if not 0 <= cfg.snapshots <= 1000:
         raise CooptError(f"--snapshots must be in [0, 1000], got {cfg.snapshots}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise CooptError(f"--seed must be in [0, {MAX_SEED}], got {cfg.seed}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise CooptError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if cfg.wd is not None and not (math.isfinite(cfg.wd) and cfg.wd >= 0):
+        raise CooptError(f"--wd must be a finite number >= 0, got {cfg.wd}")
+
+
+def check_out(marks: list[Path], resume: bool, force: bool) -> None:
+    """An output that already holds a started or finished run (any of `marks`: the checkpoint, the
+    resume state) is only continued (--resume) or started over (--force), never overwritten by
+    accident."""
+    if resume and force:
+        raise CooptError("--resume and --force: choose one (continue the run in the output, or start it over)")
+    found = next((p for p in marks if p.exists()), None)
+    if found is not None and not (resume or force):
+        raise CooptError(f"{found}: holds a started or finished run; use --resume to continue it or --force to start over")
+
+
+def clear_out(paths: Iterable[Path]) -> None:
+    """--force: remove the old run's files before training, so that a crash before the first save
+    cannot leave its state for --resume to continue, nor its snapshots beside the new ones."""
+    for p in paths:
+        p.unlink(missing_ok=True)
 
 
 def save_state(path: Path, state: dict) -> None:
@@ -319,6 +350,7 @@ class TrainConfig:
     wd: float = 0.01
     seed: int = 0
     resume: bool = False
+    force: bool = False              # start over in an OUT that holds a run (without it: refused)
     device: str = "cpu"
     compile: bool = True             # CUDA only
     resident: bool | None = None     # merged store in device memory (StoreLoader); None: if it fits
@@ -338,10 +370,12 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
         raise CooptError(f"--epochs must be >= 1, got {cfg.epochs}")
     if cfg.batch_size < 1:
         raise CooptError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    if cfg.lr <= 0 or cfg.wd < 0:
-        raise CooptError(f"--lr must be > 0 and --wd >= 0, got lr {cfg.lr}, wd {cfg.wd}")
-    dev = resolve_device(cfg.device)
     out_dir = Path(cfg.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CooptError(f"{out_dir}: --out must be a folder, this is a file")
+    state_path, ckpt_path = out_dir / "state.pt", out_dir / "student.pt"
+    check_out([state_path, ckpt_path], cfg.resume, cfg.force)
+    dev = resolve_device(cfg.device)
     store = resolve_store(cfg.run)
     loader = StoreLoader(store, cfg.batch_size, fields=("images", "targets"), seed=cfg.seed, device=dev,
                          resident=cfg.resident)
@@ -363,7 +397,9 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
 
     identity = {"student": cfg.student, "batch_size": cfg.batch_size, "seed": cfg.seed, "input_size": size,
                 "lr": cfg.lr, "wd": cfg.wd, "rows": loader.n, "target_dim": loader.dim}
-    state_path, ckpt_path = out_dir / "state.pt", out_dir / "student.pt"
+    if cfg.force:
+        clear_out([state_path, ckpt_path, out_dir / "train.jsonl", out_dir / "curve.png",
+                   *(out_dir / "snapshots").glob("student-*.pt")])
     loop = resume(state_path, identity, model, opt, gen) if cfg.resume else None
     resumed = loop is not None
     out_dir.mkdir(parents=True, exist_ok=True)
