@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import json
 import sys
+
+import numpy as np
 
 import typer
 from rich.console import Console
@@ -71,7 +74,19 @@ def emit(summary: dict, as_json: bool, table=None) -> None:
     "warnings" go to stderr, one line each, either way."""
     for w in summary.get("warnings") or []:
         print(f"warning: {w}", file=sys.stderr)
-    if as_json:
-        print(json.dumps(summary, indent=2, default=str))
+    if as_json:  # allow_nan=False: a bare NaN/Infinity is not JSON, and strict parsers reject the whole output
+        print(json.dumps(_finite(summary), indent=2, default=str, allow_nan=False))
     elif table is not None:
         console.print(table)
+
+
+def _finite(v):
+    """A summary as plain JSON values: numpy scalars and arrays unwrapped, NaN and +-Inf as null
+    (a uniformity of one row of S, a residual of an exact fit, ...)."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    if isinstance(v, (np.ndarray, np.generic)):
+        return _finite(v.tolist())
+    return None if isinstance(v, float) and not math.isfinite(v) else v

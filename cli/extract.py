@@ -10,10 +10,10 @@ from .app import command, emit
 def extract(
     run: str = typer.Argument(..., help="run folder made by split"),
     participant: str = typer.Option(..., "--participant", help="your name (letters, digits, _ . -)"),
-    shard: int = typer.Option(..., "--shard", help="which shard of the plan is yours"),
+    shard: int = typer.Option(..., "--shard", help="which shard of the plan is yours (one participant per shard)"),
     prior: str = typer.Option(..., "--prior", help="ARCH, ARCH:CHECKPOINT (.pt/.pth/.safetensors) or labels"),
     batch_size: int = typer.Option(256, "--batch-size"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ... or auto (cuda if present)"),
     round_: int = typer.Option(0, "--round", help="collaboration round (>= 0), recorded in the file. A round higher "
                                "than the published round R (an upgraded prior) first archives R under "
                                "participants/NAME/rounds/R/; a lower one is refused. merge uses each "

@@ -17,9 +17,14 @@ def split(
     seed: int = typer.Option(0, "--seed"),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="relative shard sizes w1,..,wK (default: balanced)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="keep only the first N samples"),
+    force: bool = typer.Option(False, "--force", help="replace an existing, different plan.json (orphans the "
+                               "participants' uploads made for it)"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
 ):
-    """Step 1: split DATASET into K disjoint shards and a shared set S; write RUN/plan.json."""
+    """Step 1: split DATASET into K disjoint shards and a shared set S; write RUN/plan.json.
+
+    Over an existing plan: the same split leaves it unchanged; a different one is refused
+    unless --force."""
     w = None
     if sizes is not None:
         try:
@@ -27,10 +32,12 @@ def split(
         except ValueError:
             raise coopt_fast.CooptError(f"--sizes {sizes!r}: expected comma-separated numbers") from None
     plan = coopt_fast.split(dataset, out, participants=participants, shared_fraction=shared_fraction,
-                            seed=seed, sizes=w, limit=limit)
+                            seed=seed, sizes=w, limit=limit, force=force)
     summary = {"plan": f"{out}/plan.json", "n": plan["fingerprint"]["n"], "shard_sizes": [len(s) for s in plan["shards"]],
-               "shared": len(plan["shared"]), "fingerprint": plan["fingerprint"]["sha256"]}
-    t = Table(title=f"plan for {dataset} ({summary['n']} samples, |S| = {summary['shared']})")
+               "shared": len(plan["shared"]), "fingerprint": plan["fingerprint"]["sha256"],
+               "unchanged": plan["unchanged"], "warnings": plan["warnings"]}
+    t = Table(title=f"plan for {dataset} ({summary['n']} samples, |S| = {summary['shared']})"
+              + (": unchanged, already in place" if plan["unchanged"] else ""))
     t.add_column("shard")
     t.add_column("samples", justify="right")
     for k, s in enumerate(summary["shard_sizes"]):

@@ -51,16 +51,39 @@ class DemoConfig:
     seed: int = 0
 
 
-def _prior_specs(cfg: DemoConfig, ckpts: Path, timed) -> list[tuple[str, str, int]]:
-    """(participant, prior spec, seed) per participant; trains the checkpoints it needs once."""
-    from .ssl import pretrain
-
+def _kinds(cfg: DemoConfig) -> list[str]:
     kinds = [k.strip() for k in cfg.priors.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in PRIOR_KINDS]
     if unknown:
         raise CooptError(f"--priors: unknown kind(s) {unknown} (use {', '.join(PRIOR_KINDS)})")
     if len(kinds) != cfg.participants:
         raise CooptError(f"--priors names {len(kinds)} kinds for {cfg.participants} participants")
+    return kinds
+
+
+def check_config(cfg: DemoConfig) -> None:
+    """Every option, before anything is trained or written: a bad one found after minutes of
+    prior training (or after the previous run was removed) costs the user both."""
+    from .student import MAX_SEED, resolve_device  # the demo's seed also seeds pretrain and train
+
+    resolve_device(cfg.device)
+    for flag, v in (("--participants", cfg.participants), ("--limit", cfg.limit), ("--dim", cfg.dim),
+                    ("--student-epochs", cfg.student_epochs), ("--probe-train", cfg.probe_train),
+                    ("--probe-test", cfg.probe_test)):
+        if v < 1:
+            raise CooptError(f"{flag} must be >= 1, got {v}")
+    if cfg.participants > cfg.limit:
+        raise CooptError(f"--participants {cfg.participants} is larger than --limit {cfg.limit}")
+    if not 0 <= cfg.seed <= MAX_SEED - cfg.participants:  # participant i's random prior uses seed + i
+        raise CooptError(f"--seed {cfg.seed}: must be an integer in [0, {MAX_SEED - cfg.participants}]")
+    _kinds(cfg)
+
+
+def _prior_specs(cfg: DemoConfig, ckpts: Path, timed) -> list[tuple[str, str, int]]:
+    """(participant, prior spec, seed) per participant; trains the checkpoints it needs once."""
+    from .ssl import pretrain
+
+    kinds = _kinds(cfg)
     common = dict(batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=False)
     recipes = {  # kind -> (method, epochs, extra pretrain options)
         "supervised": ("supervised", cfg.prior_epochs, dict(limit=cfg.prior_limit, labeled_fraction=cfg.labeled_fraction)),
@@ -110,6 +133,7 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from .ssl import pretrain
     from .student import train
 
+    check_config(cfg)
     out = Path(cfg.out)
     run, ckpts, logs = out / "run", out / "checkpoints", out / "logs"
     for d in (ckpts, logs):
@@ -135,11 +159,13 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     timed("merge", merge, run, progress=progress)
     ins = timed("inspect", inspect, run)
     st = timed("train student", train, run, student=cfg.arch, epochs=cfg.student_epochs, out=out / "student",
-               batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=progress)
+               batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=progress,
+               force=True)  # a second demo retrains its student
     coopt_seconds = sum(seconds[k] for k in ("extract", "score", "align", "merge", "train student"))
     bl = timed("train BYOL baseline", pretrain, "fashion-mnist", method="byol", arch=cfg.arch, epochs=1000,
                out=out / "baseline" / "byol.safetensors", limit=cfg.limit, max_seconds=coopt_seconds,
-               batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=progress)
+               batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=progress,
+               force=True)  # a second demo retrains its baseline too
     probe_kw = dict(limit_train=cfg.probe_train, limit_test=cfg.probe_test, device=cfg.device, progress=progress)
     p_st = timed("probe student", probe, st["checkpoint"], "fashion-mnist", "fashion-mnist:test", **probe_kw)
     p_bl = timed("probe baseline", probe, bl["checkpoint"], "fashion-mnist", "fashion-mnist:test", **probe_kw)

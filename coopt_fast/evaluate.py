@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from .data import Dataset, load_dataset
 from .errors import CooptError
 from .loader import read_images
+from .plan import check_seed
 from .priors import Prior, load_prior, preprocess, read_checkpoint
 from .progress import bar
 from .student import autocast, resolve_device
@@ -60,10 +61,9 @@ def load_frozen(ckpt: str, arch: str | None = None, seed: int = 0) -> Prior:
         raise CooptError(f"{ckpt}: checkpoint not found")
     else:
         spec = ckpt if arch is None or ":" in ckpt else f"{arch}:{ckpt}"
-    prior = load_prior(spec, seed)
-    if prior.model is None:
+    if spec.partition(":")[0] == "labels":
         raise CooptError(f"{ckpt}: the labels prior has no features to probe")
-    return prior
+    return load_prior(spec, seed)
 
 
 @torch.no_grad()
@@ -160,6 +160,11 @@ def probe(ckpt: str, train: str, test: str, *, arch: str | None = None, limit_tr
     kwargs: ProbeConfig fields (epochs, lr, k, temperature, seed, ...).
     """
     cfg = ProbeConfig(**kwargs)
+    for flag, v in (("--epochs", cfg.epochs), ("--k", cfg.k), ("--limit-train", limit_train),
+                    ("--limit-test", limit_test), ("batch_size", cfg.batch_size), ("probe_batch", cfg.probe_batch)):
+        if v is not None and v < 1:
+            raise CooptError(f"{flag} must be >= 1, got {v}")
+    check_seed(cfg.seed)
     t0 = time.perf_counter()
     dev = resolve_device(device)
     prior = load_frozen(ckpt, arch, cfg.seed)

@@ -17,6 +17,10 @@ each flush; a rerun continues at the first missing row. Eager features do not de
 batch size or thread count (checked in tests; a batch of one row takes another conv algorithm,
 so one-row batches are padded to two), so the datasets come out value for value the same.
 
+One participant per shard: extract refuses a shard whose features another participant has
+published or is writing (their `shard` attribute); the same name re-extracting (a resume, a
+new round) is the one way to replace them.
+
 Rounds: a participant may re-extract with an upgraded prior under a higher --round. Its published
 round (aligned.h5, manifest.json, features.h5) then moves to NAME/rounds/<old round>/ first, and
 the top-level files are always the latest round, the only one align, merge and the other commands
@@ -44,22 +48,25 @@ import torch
 from . import store
 from .decode import batches, choose_decoder
 from .errors import CooptError, DiskFullError
-from .plan import load_plan, plan_dataset, shard_indices
+from .plan import check_seed, load_plan, plan_dataset, shard_indices
 from .priors import Prior, load_prior
 from .progress import bar
+from .student import resolve_device
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline through
 GROUPS = ("shared", "shard")
 # A round's files, in the order they are archived: features.h5 last, because its round attr is
 # what says "this round is still here" — a crash mid-archive leaves it behind, and a rerun
 # finishes the move. aligned.h5 first: it must never outlive the features it was made from.
 ROUND_FILES = ("aligned.h5", "manifest.json", "features.h5")
 ROUND_WAIT_SECONDS = 120  # torchrun: how long ranks > 0 wait for rank 0 to archive the older round
+MAX_ROUND = 2**31 - 1      # rounds name folders and HDF5 attributes; 2**31 rounds is beyond any use
+MAX_BATCH = 65536          # one batch of 224 px images at this size is already ~40 GB as float32
 
 
 def check_name(name: str) -> str:
     """Participant names become folder names: letters, digits, _ . - only; no traversal."""
-    if not NAME_RE.match(name) or ".." in name:
+    if not NAME_RE.fullmatch(name) or ".." in name:
         raise CooptError(f"participant name {name!r}: use 1-64 letters, digits, '_', '.', '-' (no '/', no '..')")
     return name
 
@@ -151,10 +158,18 @@ def extract(
     progress: bool = True,
 ) -> dict:
     """Compute features of shard `shard` and of S with prior `prior`; write features.h5."""
-    if batch_size < 1:
-        raise CooptError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 1 <= batch_size <= MAX_BATCH:
+        raise CooptError(f"--batch-size must be in [1, {MAX_BATCH}], got {batch_size}")
     if round < 0:
         raise CooptError(f"--round must be >= 0, got {round}")
+    if round > MAX_ROUND:
+        raise CooptError(f"--round must be <= 2**31 - 1, got {round}")
+    if workers is not None and workers < 1:
+        raise CooptError(f"--workers must be >= 1, got {workers}")
+    if on_bad_image not in ("fail", "skip"):
+        raise CooptError(f"--on-bad-image {on_bad_image!r}: use fail or skip")
+    check_seed(seed)
+    dev = resolve_device(device)
     out = participant_dir(run, participant) / "features.h5"
     plan = load_plan(run)
     idx = shard_indices(plan, shard)
@@ -164,13 +179,14 @@ def extract(
     if prior.partition(":")[0] == "labels" and ds.labels is None:
         raise CooptError(f"{plan['dataset']}: the labels prior needs labels, and this data set has none")
     p = load_prior(prior, seed=seed, num_classes=len(ds.classes) or None)
+    holder = shard_holder(run, shard, participant)  # after the inputs' own checks: their faults are named first
+    if holder is not None:
+        raise CooptError(f"--shard {shard}: taken by participant {holder.parent.name!r} ({holder}); one participant "
+                         f"per shard: pick another shard, or remove that participant's folder")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = torch.device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dec = "none" if p.model is None else choose_decoder(decoder, ds, dev, p.input_size)
-    if workers is not None and workers < 1:
-        raise CooptError(f"--workers must be >= 1, got {workers}")
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
 
     # What must match for old rows to be reused (batch size, threads, decoder workers need not).
@@ -190,6 +206,41 @@ def extract(
                 with contextlib.suppress(OSError):
                     d.rmdir()
         raise
+
+
+def shard_holder(run: str | Path, shard: int, participant: str | None = None) -> Path | None:
+    """The features file (published, or a partial that opens) of a participant other than
+    `participant` whose `shard` attribute is `shard`; None when the shard is free."""
+    for d in sorted((Path(run) / "participants").glob("*")):
+        if d.name == participant or not d.is_dir():
+            continue
+        feats = d / "features.h5"
+        for path in [feats, store.partial_path(feats), *sorted(d.glob("features.rank*.h5.partial"))]:
+            if path.is_file() and shard_of(path) == shard:
+                return path
+    return None
+
+
+def open_live(path: Path) -> h5py.File:
+    """Open a features file another process may be writing, without its lock. Plainly first: a
+    damaged file fails at once. In SWMR read mode only where HDF5 says an SWMR writer has it open
+    (or had, before a kill -9): SWMR reads retry a bad checksum for minutes, not once."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as e:
+        if "already open for write" not in str(e):  # HDF5's words for the SWMR writer's flag
+            raise
+    return h5py.File(path, "r", libver="latest", swmr=True, locking=False)
+
+
+def shard_of(path: Path) -> int | None:
+    """The `shard` attribute of a features file, or None if it cannot be read (a partial that its
+    writer holds open before SWMR, or a damaged file, is skipped)."""
+    try:
+        with open_live(path) as f:
+            return int(f.attrs["shard"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image, workers,
@@ -324,8 +375,13 @@ def _extract_part(path, identity, rows, p, ds, runner, dec, bs, dev, on_bad, wor
                             advance(len(block))
                     else:
                         for batch in batches(ds, r[start:], p.input_size, p.mean, p.std, bs, dev, dec, on_bad, workers):
-                            y = runner(batch.x).numpy().astype(np.float16)
+                            with np.errstate(over="ignore"):  # an overflow is refused below, not warned about
+                                y = runner(batch.x).numpy().astype(np.float16)
                             y[batch.bad] = 0
+                            if not np.isfinite(y).all():  # float16 overflows past 65504: never publish inf
+                                row = r[start + batch.start + int(np.argwhere(~np.isfinite(y))[0, 0])]
+                                raise CooptError(f"{p.checkpoint or p.spec}: prior {p.arch} gives NaN or Inf features "
+                                                 f"(float16 holds |x| <= 65504), first at sample {row}")
                             bad = r[start + batch.start + np.asarray(batch.bad, dtype=np.int64)]
                             writer.put(y, bad)
                             advance(len(y))

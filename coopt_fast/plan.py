@@ -3,6 +3,10 @@
 RUN/plan.json holds the dataset spec, --limit, a fingerprint of the data, the seed, the
 participant count, each shard's sample indices (ascending: "plan order") and S (ascending).
 Later commands load the data through `plan_dataset`, which refuses a changed data set.
+
+A plan is written once: participants' uploads are tied to its shards, so `split` over an
+existing plan.json is a no-op when it would write the same plan, and refused otherwise
+(unless force=True, which names the uploads it orphans).
 """
 from __future__ import annotations
 
@@ -16,6 +20,14 @@ from .data import Dataset, fingerprint, load_dataset
 from .errors import CooptError
 
 PLAN_VERSION = 1
+MAX_SEED = 2**63 - 1  # seeds land in HDF5 int64 attributes and numpy/torch generators (no negatives)
+
+
+def check_seed(seed, flag: str = "--seed") -> int:
+    """The seed range every command accepts, [0, 2**63 - 1]; the seed as a plain int."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise CooptError(f"{flag} {seed!r}: must be an integer in [0, 2**63 - 1]")
+    return int(seed)
 
 
 def split(
@@ -26,13 +38,18 @@ def split(
     seed: int = 0,
     sizes: list[float] | None = None,
     limit: int | None = None,
+    force: bool = False,
 ) -> dict:
-    """Write RUN/plan.json; return the plan.
+    """Write RUN/plan.json; return the plan, plus "unchanged" (an identical plan was already
+    there: nothing written) and "warnings" (what a forced replacement orphaned).
 
     Shards are a seeded random partition of range(N), balanced or proportional to `sizes`
     (largest-remainder rounding, every shard >= 1 sample). S is round(F·N) >= 1 samples drawn
     from D independently of the shards: every participant also extracts S.
     """
+    seed = check_seed(seed)
+    if limit is not None and not 1 <= limit <= 2**63 - 1:  # the merged store records it as an int64
+        raise CooptError(f"--limit must be in [1, 2**63 - 1], got {limit}")
     if participants < 1:
         raise CooptError(f"--participants must be >= 1, got {participants}")
     if not 0.0 < shared_fraction <= 1.0:
@@ -69,11 +86,58 @@ def split(
         "shared": shared,
     }
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise CooptError(f"{out}: exists and is not a folder")
+    path, warnings = out / "plan.json", left_out_warnings(ds)
+    if path.exists():
+        old = _read_json(path)
+        if old == plan:
+            return {**plan, "unchanged": True, "warnings": warnings}
+        differ = _differences(old, plan)
+        if not force:
+            raise CooptError(f"{path}: holds a different split ({differ}); replacing it orphans every upload "
+                             f"made for it: pass --force to replace it anyway")
+        orphans = _uploads(out)
+        if orphans:
+            warnings.append(f"{path}: replaced ({differ}); made for the old plan and now orphaned: {orphans}")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "plan.json.tmp"
     tmp.write_text(json.dumps(plan))
-    os.replace(tmp, out / "plan.json")
-    return plan
+    os.replace(tmp, path)
+    return {**plan, "unchanged": False, "warnings": warnings}
+
+
+def _read_json(path: Path):
+    """The parsed file, or None when it is not JSON (or not readable)."""
+    try:
+        return json.loads(path.read_bytes().decode())
+    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+
+
+def _differences(old, new: dict) -> str:
+    """What differs between an existing plan and a new one, in the split's own terms."""
+    if not isinstance(old, dict):
+        return "not a readable plan"
+    keys = [k for k in new if k not in ("shards", "shared") and old.get(k) != new[k]]
+    keys = keys or [k for k in ("shards", "shared") if old.get(k) != new[k]]  # edited by hand
+    short = ("dataset", "limit", "seed", "participants", "sizes", "shared_fraction", "plan_version")
+    return ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" if k in short else k for k in keys)
+
+
+def _uploads(out: Path) -> str:
+    names = sorted(d.name for d in (out / "participants").glob("*") if d.is_dir())
+    found = [f"participants {', '.join(map(repr, names))}"] if names else []
+    return ", ".join(found + [n for n in ("merged.h5",) if (out / n).exists()])
+
+
+def left_out_warnings(ds: Dataset) -> list[str]:
+    """A folder's files that are not samples (other suffixes, hidden, not regular files), said once."""
+    lo = ds.left_out
+    if not lo:
+        return []
+    shown = "; ".join(f"{p}: {why}" for p, why in lo[:3]) + ("; ..." if len(lo) > 3 else "")
+    return [f"{ds.spec}: {len(lo)} file(s) left out, not samples ({shown})"]
 
 
 def _apportion(n: int, p: np.ndarray) -> np.ndarray:
@@ -93,35 +157,67 @@ def load_plan(run: str | Path) -> dict:
     if not path.is_file():
         raise CooptError(f"{path}: no plan; run `coopt-fast split DATASET --out {run}` first")
     try:
-        plan = json.loads(path.read_text())
+        plan = json.loads(path.read_bytes().decode())
+    except UnicodeDecodeError as e:
+        raise CooptError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise CooptError(f"{path}: not valid JSON ({e})") from None
-    if plan.get("plan_version") != PLAN_VERSION:
-        raise CooptError(f"{path}: plan_version {plan.get('plan_version')}, expected {PLAN_VERSION}")
+    except RecursionError:
+        raise CooptError(f"{path}: not a plan (JSON nested too deeply)") from None
+    if not isinstance(plan, dict):
+        raise CooptError(f"{path}: not a plan (a JSON {type(plan).__name__}, expected a JSON object)")
+    if plan.get("plan_version") != PLAN_VERSION or type(plan.get("plan_version")) is not int:
+        raise CooptError(f"{path}: plan_version {plan.get('plan_version')!r}, expected {PLAN_VERSION}")
     _check_plan(path, plan)
     return plan
 
 
+def _is_int(v) -> bool:
+    return type(v) is int  # JSON's true/false and 1.5 are not indices or counts
+
+
+def _indices(path: Path, name: str, v, n: int) -> np.ndarray:
+    if not isinstance(v, list) or not all(map(_is_int, v)):
+        raise CooptError(f"{path}: {name}: must be a list of integer sample indices")
+    if v and not 0 <= min(v) <= max(v) < n:  # checked before int64: numpy would overflow or wrap
+        raise CooptError(f"{path}: {name}: indices out of range [0, {n})")
+    return np.asarray(v, dtype=np.int64)
+
+
 def _check_plan(path: Path, plan: dict) -> None:
-    """A hand-edited or damaged plan must not reach numpy indexing (which wraps negatives)."""
-    try:
-        n = int(plan["fingerprint"]["n"])
-        shards = [np.asarray(s, dtype=np.int64) for s in plan["shards"]]
-        shared = np.asarray(plan["shared"], dtype=np.int64)
-        k = int(plan["participants"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CooptError(f"{path}: malformed plan ({e})") from None
+    """A hand-edited or damaged plan must not reach numpy indexing (which wraps negatives), nor
+    any command as a field of the wrong type: every field the commands read is checked here."""
+    fp = plan.get("fingerprint")
+    if not isinstance(fp, dict):
+        raise CooptError(f"{path}: fingerprint: must be an object, got {fp!r:.40}")
+    if not _is_int(fp.get("n")) or fp["n"] < 1:
+        raise CooptError(f"{path}: fingerprint.n: must be an integer >= 1, got {fp.get('n')!r:.40}")
+    if not isinstance(fp.get("sha256"), str):
+        raise CooptError(f"{path}: fingerprint.sha256: must be a string, got {fp.get('sha256')!r:.40}")
+    if not isinstance(plan.get("dataset"), str):
+        raise CooptError(f"{path}: dataset: must be a data set spec string, got {plan.get('dataset')!r:.40}")
+    limit = plan.get("limit")
+    if limit is not None and (not _is_int(limit) or not 1 <= limit <= 2**63 - 1):
+        raise CooptError(f"{path}: limit: must be null or an integer in [1, 2**63 - 1], got {limit!r:.40}")
+    if not _is_int(plan.get("seed")) or not 0 <= plan["seed"] <= MAX_SEED:
+        raise CooptError(f"{path}: seed: must be an integer in [0, 2**63 - 1], got {plan.get('seed')!r:.40}")
+    k = plan.get("participants")
+    if not _is_int(k) or k < 1:
+        raise CooptError(f"{path}: participants: must be an integer >= 1, got {k!r:.40}")
+    if not isinstance(plan.get("shards"), list):
+        raise CooptError(f"{path}: shards: must be a list of {k} lists of sample indices")
+    n = fp["n"]
+    shards = [_indices(path, f"shards[{i}]", s, n) for i, s in enumerate(plan["shards"])]
+    shared = _indices(path, "shared", plan.get("shared"), n)
     if len(shards) != k:
         raise CooptError(f"{path}: shards: {len(shards)} listed for {k} participants")
     empty = [i for i, sh in enumerate(shards) if len(sh) == 0]
     if empty:
         raise CooptError(f"{path}: shard {empty[0]} is empty")
     for name, idx in [(f"shards[{i}]", s) for i, s in enumerate(shards)] + [("shared", shared)]:
-        if idx.ndim != 1 or (len(idx) and (idx.min() < 0 or idx.max() >= n)):
-            raise CooptError(f"{path}: {name}: indices out of range [0, {n})")
         if len(np.unique(idx)) != len(idx):
             raise CooptError(f"{path}: {name}: duplicate indices")
-    covered = np.concatenate(shards) if shards else np.empty(0, np.int64)
+    covered = np.concatenate(shards)
     if len(covered) != n or len(np.unique(covered)) != n:
         raise CooptError(f"{path}: shards: must partition all {n} samples exactly once")
     if len(shared) < 1:

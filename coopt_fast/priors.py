@@ -16,12 +16,17 @@ Checkpoint layout written by coopt-fast (`save_checkpoint`):
   .pt:          {"state_dict": {name: tensor}, "meta": {...}}
   .safetensors: the state dict, with meta as JSON under the metadata key "coopt"
 meta keys: arch, input_size, mean, std, and provenance (method, epochs, data, seed, ...).
-A plain state dict (e.g. a torchvision one, classifier included) loads too.
+A plain state dict (e.g. a torchvision one, classifier included) loads too. The keys this
+module reads (arch, method, input_size, mean, std) are checked on every read: a checkpoint
+comes from someone else, and a wrong value would otherwise allocate at its size or publish
+NaN features.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +43,9 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CONVNET_MEAN, CONVNET_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 SMALL_ARCHS = ("convnet", "linear")  # sized for small images: input = image side, [0.5, 0.5] normalisation
 DEFAULT_INPUT_SIZE = {"convnet": 32, "linear": 32, "swin_v2_t": 256}  # everything else: 224
+# A checkpoint's input_size: below 8 px convnet's three poolings leave nothing; above 4096 px one
+# float32 image is 200 MB, a batch of them more than any machine here holds.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 4096
 
 
 class ConvNet(nn.Module):
@@ -107,7 +115,10 @@ def build_backbone(arch: str, input_size: int | None = None, seed: int = 0) -> t
         kwargs = {}
         if arch.startswith("vit_") and input_size:  # ViT's position embeddings fix the input size
             kwargs["image_size"] = input_size
-        m = torchvision.models.get_model(arch, weights=None, **kwargs)
+        try:
+            m = torchvision.models.get_model(arch, weights=None, **kwargs)
+        except (AssertionError, ValueError) as e:  # e.g. a ViT whose input size is not a multiple of its patch
+            raise CooptError(f"{arch}: cannot be built for input size {input_size} ({e})") from None
         head, dim = _replace_last_linear(m)
         return m, dim, head
 
@@ -132,9 +143,9 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("coopt", "{}"))
                 state = {k: f.get_tensor(k) for k in f.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
+        except (SafetensorError, OSError, ValueError, RecursionError) as e:
             raise CooptError(f"{path}: not a readable safetensors file ({e})") from None
-        return state, meta
+        return state, check_meta(path, meta)
     if path.suffix not in (".pt", ".pth"):
         raise CooptError(f"{path}: checkpoint must be .pt, .pth or .safetensors")
     try:
@@ -143,10 +154,41 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CooptError(f"{path}: refused to load (only plain tensors are accepted: {first})") from None
     if isinstance(obj, dict) and "state_dict" in obj:
-        return obj["state_dict"], dict(obj.get("meta") or {})
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, meta = obj["state_dict"], obj.get("meta")
+        if not _is_state_dict(state):
+            raise CooptError(f"{path}: state_dict: expected a state dict (name -> tensor), got {type(state).__name__}")
+        return state, check_meta(path, {} if meta is None else meta)
+    if _is_state_dict(obj):
         return obj, {}
     raise CooptError(f"{path}: expected a state dict (name -> tensor) or {{'state_dict', 'meta'}}")
+
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+
+
+def check_meta(path, meta) -> dict:
+    """The checkpoint metadata this module reads, checked: one error naming the file and the key."""
+    if not isinstance(meta, dict):
+        raise CooptError(f"{path}: metadata: must be an object (key -> value), got {type(meta).__name__}")
+    for key in ("arch", "method"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise CooptError(f"{path}: metadata {key}: must be a string, got {meta[key]!r:.40}")
+    size = meta.get("input_size")
+    if size is not None and (type(size) is not int or not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE):
+        raise CooptError(f"{path}: metadata input_size: must be an integer in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}], "
+                         f"got {size!r:.40}")
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if v is None:
+            continue
+        ok = isinstance(v, (list, tuple)) and len(v) in (1, 3) and all(
+            isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and (key == "mean" or x > 0)
+            for x in v)
+        if not ok:  # std 0 divides by zero: all-NaN features
+            raise CooptError(f"{path}: metadata {key}: must be 1 or 3 finite numbers{' > 0' if key == 'std' else ''}, "
+                             f"got {v!r:.60}")
+    return meta
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict) -> None:

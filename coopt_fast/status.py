@@ -1,8 +1,11 @@
 """`status`: every participant's progress, read live from files being written.
 
 extract switches its partial file to HDF5 single-writer/multiple-reader mode once its
-datasets exist, so this reader (swmr=True) sees a consistent prefix: rows written and
-flushed so far, and when the current session started (for rate and ETA).
+datasets exist, so this reader (swmr=True, see extract.open_live) sees a consistent prefix:
+rows written and flushed so far, and when the current session started (for rate and ETA).
+
+Started is counted in shards (each participant's `shard` attribute), not in folders: a shard
+two participants claim counts once, with a warning naming them.
 """
 from __future__ import annotations
 
@@ -12,12 +15,13 @@ from pathlib import Path
 import h5py
 
 from . import store
+from .extract import open_live, shard_of
 from .plan import load_plan
 
 
 def _progress_of(part: Path) -> dict:
     try:
-        with h5py.File(part, "r", libver="latest", swmr=True, locking=False) as f:
+        with open_live(part) as f:
             done = total = new = 0
             t0 = last = None
             for group in ("shared", "shard"):
@@ -45,23 +49,32 @@ def status(run: str | Path) -> dict:
     run = Path(run)
     plan = load_plan(run)
     pdir = run / "participants"
-    rows = []
+    rows, holders = [], {}
     for d in sorted(pdir.iterdir()) if pdir.is_dir() else []:
         feats, part = d / "features.h5", store.partial_path(d / "features.h5")
         parts = sorted(d.glob("features.rank*.h5.partial"))  # torchrun ranks
         if feats.exists():
-            with h5py.File(feats, "r") as f:
-                n = f["shard/features"].shape[0] + f["shared/features"].shape[0]
-            row = {"state": "extracted", "rows_done": n, "rows_total": n, "rate": None, "eta_seconds": None}
+            try:
+                with h5py.File(feats, "r") as f:
+                    n = f["shard/features"].shape[0] + f["shared/features"].shape[0]
+                row = {"state": "extracted", "rows_done": n, "rows_total": n, "rate": None, "eta_seconds": None}
+            except (OSError, KeyError):  # a damaged upload: reported here, refused by align/merge/verify
+                row = {"state": "unreadable", "rows_done": None, "rows_total": None, "rate": None, "eta_seconds": None}
         elif part.exists() or parts:
             row = _merge_ranks([_progress_of(q) for q in ([part] if part.exists() else parts)])
         else:
             continue
         row["participant"] = d.name
+        row["shard"] = shard_of(feats if feats.exists() else part if part.exists() else parts[0])
         row["aligned"] = (d / "aligned.h5").exists()
         rows.append(row)
-    return {"run": str(run), "participants": rows, "shards": plan["participants"],
-            "merged": (run / "merged.h5").exists()}
+        if row["shard"] is not None:
+            holders.setdefault(row["shard"], []).append(d.name)
+    warnings = [f"shard {k}: claimed by {len(v)} participants ({', '.join(v)}); merge accepts one"
+                for k, v in sorted(holders.items()) if len(v) > 1]
+    started = sum(0 <= k < plan["participants"] for k in holders)  # a forged shard 7 of 2 is no start
+    return {"run": str(run), "participants": rows, "shards": plan["participants"], "shards_started": started,
+            "merged": (run / "merged.h5").exists(), "warnings": warnings}
 
 
 def _merge_ranks(ps: list[dict]) -> dict:
