@@ -266,7 +266,8 @@ def train_prior(work: Path, sc: Scale, name: str) -> dict:
     if "input_size" in r:
         kw["input_size"] = r["input_size"]
     snaps = 4 if r["method"] in ("byol", "simclr") else 0
-    s = pretrain(prior_data(work, sc), r["method"], r["arch"], epochs, out, seed=0, snapshots=snaps, progress=False, **kw)
+    s = pretrain(prior_data(work, sc), r["method"], r["arch"], epochs, out, seed=0, snapshots=snaps, progress=False,
+                 force=True, **kw)  # a job that reruns starts over
     recipe = f"{r['arch']} {r['method']}, {epochs} ep on P" + (f", {r['labeled_fraction']:.0%} labels" if kw.get("labeled_fraction") else "")
     return {"name": name, "arch": r["arch"], "recipe": recipe, "seconds": s["train_seconds"], "run": name,
             "checkpoint": str(out), "snapshots": s["snapshots"], "samples_per_s": s["samples_per_s"]}
@@ -357,7 +358,7 @@ def call_clock(call_seconds: float, s: dict) -> list[dict]:
 def student(run: Path, out: Path, sc: Scale, seed: int, snapshots: int = 0) -> dict:
     t0 = time.perf_counter()
     s = train(run, "convnet", sc.student_epochs, out, batch_size=sc.batch_size, seed=seed, device="cpu",
-              snapshots=snapshots, progress=False)
+              snapshots=snapshots, progress=False, force=True)  # a rerun job retrains over its last try
     wall = time.perf_counter() - t0
     return {"seconds": wall, "train_seconds": s["train_seconds"], "checkpoint": s["checkpoint"],
             "snapshots": call_clock(wall, s), "loss": s["loss"], "trace": s_trace(out)}
@@ -400,7 +401,7 @@ def ssl_run(work: Path, sc: Scale, method: str, seed: int, budget: float, tag: s
     # The budget is the training loop's (--max-seconds); the call's few seconds of set-up are
     # counted on the curve's time axis all the same (call_clock), as COOPT's are.
     s = pretrain(DATA, method, "convnet", 100000, out, limit=sc.d_size, max_seconds=budget, seed=seed,
-                 snapshots=snapshots, progress=False)
+                 snapshots=snapshots, progress=False, force=True)  # a job that reruns starts over
     wall = time.perf_counter() - t0
     return {"seed": seed, "method": method, "budget": budget, "train_seconds": s["train_seconds"], "seconds": wall,
             "steps": s["steps"], "samples": s["steps"] * min(256, sc.d_size), "snapshots": call_clock(wall, s),
@@ -676,8 +677,8 @@ def rounds_job(work: str, sc: Scale, seed: int) -> dict:
             current[who] = new
             extract(run, names[who], who, prior_spec(priors, new), round=r, seed=seed, workers=1, progress=False)
             upgrade = f"p{who} → {new}"
-        al = align(run, dim=sc.dim, progress=False)
-        mg = merge(run, progress=False)
+        al = align(run, dim=sc.dim, progress=False, force=True)  # the upgrade moved the consensus S*
+        mg = merge(run, progress=False, force=True)
         res = train_and_probe(run, base / f"student-r{r}", sc, seed)
         out.append({"round": r, "upgrade": upgrade, "priors": list(current), "reference": al["reference"],
                     "rounds": mg.get("rounds"), **{k: res[k] for k in ("linear", "knn", "loss")}})

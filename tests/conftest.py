@@ -67,5 +67,5 @@ def realign(small_run: Path, to: Path, target_dtype: str) -> dict:
     import coopt_fast
 
     shutil.copytree(small_run, to)
-    coopt_fast.align(to, dim=32, target_dtype=target_dtype, progress=False)
-    return coopt_fast.merge(to, progress=False)
+    coopt_fast.align(to, dim=32, target_dtype=target_dtype, progress=False, force=True)
+    return coopt_fast.merge(to, progress=False, force=True)  # over small_run's merged.h5

@@ -38,7 +38,9 @@ def make_merged(path: Path, n: int = 384, dim: int = 16, *, images: bool = True,
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f.attrs.update(format_version=1, complete=True, participants=json.dumps(["a", "b", "c"]),
-                       dataset="fashion-mnist", dim=dim, target_dtype="float16")
+                       dataset="fashion-mnist", dim=dim, target_dtype="float16",
+                       fingerprint=json.dumps({"n": len(ds), "shape": list(ds.shape), "sha256": "synthetic"}),
+                       inputs=json.dumps({}))
         kw = {"chunks": (64, dim), "compression": "gzip"} if chunked else {}
         f.create_dataset("targets", data=targets, **kw)
         f.create_dataset("index", data=index)

@@ -36,7 +36,7 @@ def test_targets_are_features_times_map(small_run):
 def test_reference_is_best_by_the_default_score_and_publishes_s_star(tmp_path, small_run):
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
-    coopt_fast.align(run, dim=32, reference="best", progress=False)
+    coopt_fast.align(run, dim=32, reference="best", progress=False, force=True)  # over the consensus
     s = coopt_fast.score(run)
     best = s["best"]
     with h5py.File(run / "participants" / best / "aligned.h5", "r") as f:
@@ -72,7 +72,7 @@ def test_fit_accurate_when_s_close_to_l():
 def test_reference_none_is_w_only(tmp_path, small_run):
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
-    coopt_fast.align(run, dim=32, reference="none", progress=False)
+    coopt_fast.align(run, dim=32, reference="none", progress=False, force=True)  # over the consensus
     for name in ("alice", "bob"):
         feats, = _h5(run / "participants" / name / "features.h5", "shard/features")
         tg, m, w = _h5(run / "participants" / name / "aligned.h5", "shard/targets", "map", "projection")
@@ -94,7 +94,7 @@ def test_local_mode_equals_all_at_once(tmp_path, small_run):
     coopt_fast.align(run, dim=32, participant=other, reference="best", progress=False)
     at_once = tmp_path / "at_once"
     shutil.copytree(small_run, at_once)
-    coopt_fast.align(at_once, dim=32, reference="best", progress=False)
+    coopt_fast.align(at_once, dim=32, reference="best", progress=False, force=True)  # over the consensus
     a, = _h5(run / "participants" / other / "aligned.h5", "shard/targets")
     b, = _h5(at_once / "participants" / other / "aligned.h5", "shard/targets")
     assert np.array_equal(a, b)
@@ -170,7 +170,7 @@ def test_merge_missing_shard(tmp_path, small_run):
     (run / "participants" / "carol" / "aligned.h5").unlink()
     with pytest.raises(CooptError, match=r"shards \[2\] have no upload"):
         coopt_fast.merge(run, progress=False)
-    s = coopt_fast.merge(run, allow_missing=True, progress=False)
+    s = coopt_fast.merge(run, allow_missing=True, progress=False, force=True)  # over the 3-shard store
     assert s["missing_shards"] == [2] and s["rows"] == 2000 - len(load_plan(run)["shards"][2])
 
 

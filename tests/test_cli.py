@@ -39,7 +39,7 @@ def test_pipeline_through_the_cli(tmp_path):
     best = json.loads(r.stdout)["best"]
     r = invoke("align", run, "--dim", "16", "--reference", "best", "--quiet", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["reference"] == best, r.output
-    r = invoke("align", run, "--dim", "16", "--quiet", "--json")  # the default: everyone fitted to the consensus
+    r = invoke("align", run, "--dim", "16", "--quiet", "--json", "--force")  # the default: everyone fitted to the consensus
     assert r.exit_code == 0 and json.loads(r.stdout)["reference"] == "consensus", r.output
     r = invoke("merge", run, "--quiet", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["rows"] == 300

@@ -26,16 +26,32 @@ def _feats(run, name):
                                      "shard/skipped", "shared/skipped")}
 
 
+def _variant(run, name):
+    """A run of its own (the same plan) for one of several extractions of the same shard:
+    extract allows one participant per shard in a run."""
+    to = run.parent / f"{run.name}-{name}"
+    to.mkdir()
+    shutil.copy(run / "plan.json", to / "plan.json")
+    return to
+
+
 def _same(a, b):
     for k in a:
         assert np.array_equal(a[k], b[k]), k
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def engine_plan(tmp_path_factory):
     run = tmp_path_factory.mktemp("engine")
     coopt_fast.split("fashion-mnist", run, participants=2, shared_fraction=0.05, seed=2, limit=501)
     return run
+
+
+@pytest.fixture
+def run(engine_plan, tmp_path):
+    (tmp_path / "run").mkdir()
+    shutil.copy(engine_plan / "plan.json", tmp_path / "run" / "plan.json")
+    return tmp_path / "run"
 
 
 @pytest.fixture(scope="module")
@@ -58,31 +74,34 @@ def jpeg_run(tmp_path_factory):
 
 @pytest.mark.parametrize("decoder", ["torchvision", pytest.param("dali", marks=needs_dali)])
 def test_batch_size_does_not_change_the_bytes(run, decoder):
-    for bs in (1, 64, 100):
-        coopt_fast.extract(run, f"{decoder}{bs}", 0, "convnet", batch_size=bs, decoder=decoder, progress=False)
-    a = _feats(run, f"{decoder}64")
-    _same(a, _feats(run, f"{decoder}100"))
-    _same(a, _feats(run, f"{decoder}1"))
+    runs = {bs: _variant(run, f"{decoder}{bs}") for bs in (1, 64, 100)}
+    for bs, r in runs.items():
+        coopt_fast.extract(r, f"{decoder}{bs}", 0, "convnet", batch_size=bs, decoder=decoder, progress=False)
+    a = _feats(runs[64], f"{decoder}64")
+    _same(a, _feats(runs[100], f"{decoder}100"))
+    _same(a, _feats(runs[1], f"{decoder}1"))
 
 
 @needs_dali
 def test_dali_and_torchvision_agree(run):
     """DALI resizes in uint8 (rounding to 1/255 per pixel), torch in float: features differ by
     about that much relative to their scale, never more than a few percent."""
-    for dec in ("dali", "torchvision"):
-        coopt_fast.extract(run, f"agree-{dec}", 1, "convnet", batch_size=128, decoder=dec, progress=False)
-    a = _feats(run, "agree-dali")["shard/features"].astype(np.float32)
-    b = _feats(run, "agree-torchvision")["shard/features"].astype(np.float32)
+    runs = {dec: _variant(run, dec) for dec in ("dali", "torchvision")}
+    for dec, r in runs.items():
+        coopt_fast.extract(r, f"agree-{dec}", 1, "convnet", batch_size=128, decoder=dec, progress=False)
+    a = _feats(runs["dali"], "agree-dali")["shard/features"].astype(np.float32)
+    b = _feats(runs["torchvision"], "agree-torchvision")["shard/features"].astype(np.float32)
     rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
     assert rel.max() < 0.03, rel.max()
 
 
 def test_compiled_matches_eager(run):
-    coopt_fast.extract(run, "eager", 1, "convnet", batch_size=96, decoder="torchvision", progress=False)
+    eager = _variant(run, "eager")
+    coopt_fast.extract(eager, "eager", 1, "convnet", batch_size=96, decoder="torchvision", progress=False)
     s = coopt_fast.extract(run, "compiled", 1, "convnet", batch_size=96, decoder="torchvision", compile=True,
                            progress=False)
     assert s["compile_seconds"] > 0
-    a = _feats(run, "eager")["shard/features"].astype(np.float32)
+    a = _feats(eager, "eager")["shard/features"].astype(np.float32)
     b = _feats(run, "compiled")["shard/features"].astype(np.float32)
     np.testing.assert_allclose(b, a, rtol=2e-2, atol=2e-3)
 
@@ -95,13 +114,14 @@ def test_folder_decoders_and_bad_images(jpeg_run, tmp_path, decoder):
     s = coopt_fast.extract(run, "ok", 0, "convnet", batch_size=16, decoder=decoder, workers=1, progress=False)
     assert s["rows"] == 60 and s["skipped_images"] == 0
     good = _feats(run, "ok")
+    shutil.rmtree(run / "participants" / "ok")  # shard 0 free again for "strict" and "lenient"
     from coopt_fast.plan import load_plan, plan_dataset
 
     ds = plan_dataset(load_plan(run), verify=False)
     victim = ds.files[37]
     victim.write_bytes(victim.read_bytes()[:50])  # truncated JPEG
     # The data set changed since split: write a fresh plan over the damaged folder.
-    coopt_fast.split(f"folder:{imgs}", run, participants=1, shared_fraction=0.1, seed=0)
+    coopt_fast.split(f"folder:{imgs}", run, participants=1, shared_fraction=0.1, seed=0, force=True)
     with pytest.raises(CooptError, match=str(victim.name)):
         coopt_fast.extract(run, "strict", 0, "convnet", batch_size=16, decoder=decoder, workers=1, progress=False)
     coopt_fast.extract(run, "lenient", 0, "convnet", batch_size=16, decoder=decoder, workers=1,
@@ -116,8 +136,7 @@ def test_folder_decoders_and_bad_images(jpeg_run, tmp_path, decoder):
     else:  # DALI redoes the bad file's batch with torchvision's decoder: equal within decoders' tolerance
         assert (np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max() < 0.03
     # The skipped image is absent downstream: merge leaves its sample out of the store.
-    for d in ("ok", "strict"):
-        shutil.rmtree(run / "participants" / d, ignore_errors=True)
+    shutil.rmtree(run / "participants" / "strict", ignore_errors=True)
     coopt_fast.align(run, dim=8, progress=False)
     m = coopt_fast.merge(run, progress=False)
     with h5py.File(run / "merged.h5", "r") as f:
@@ -126,14 +145,15 @@ def test_folder_decoders_and_bad_images(jpeg_run, tmp_path, decoder):
 
 def test_torchrun_two_gloo_ranks_equal_one_process(run):
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    coopt_fast.extract(run, "single", 0, "convnet", batch_size=50, decoder="torchvision", progress=False)
+    single = _variant(run, "single")
+    coopt_fast.extract(single, "single", 0, "convnet", batch_size=50, decoder="torchvision", progress=False)
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "coopt_fast", "extract", str(run),
            "--participant", "multi", "--shard", "0", "--prior", "convnet", "--batch-size", "50",
            "--decoder", "torchvision", "--quiet"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    _same(_feats(run, "single"), _feats(run, "multi"))
+    _same(_feats(single, "single"), _feats(run, "multi"))
     assert not list((run / "participants" / "multi").glob("features.rank*"))
 
 
@@ -183,8 +203,9 @@ def test_dali_same_size_folder_skips_resize_and_survives_a_missed_odd_file(tmp_p
     built = []
     real = decode._dali_pipeline
     monkeypatch.setattr(decode, "_dali_pipeline", lambda *a: built.append(a) or real(*a))
-    for dec in ("dali", "torchvision"):
-        s = coopt_fast.extract(run, dec, 0, "convnet", batch_size=16, decoder=dec, workers=1, progress=False)
+    runs = {dec: _variant(run, dec) for dec in ("dali", "torchvision")}
+    for dec, r in runs.items():
+        s = coopt_fast.extract(r, dec, 0, "convnet", batch_size=16, decoder=dec, workers=1, progress=False)
         assert s["rows"] == 60 and s["skipped_images"] == 0
     from coopt_fast.data import load_dataset
 
@@ -195,6 +216,6 @@ def test_dali_same_size_folder_skips_resize_and_survives_a_missed_odd_file(tmp_p
     else:  # a one-file peek does not: the batch of mixed shapes rebuilds the pipeline with the resize on
         assert with_odd == [False, True]
     assert False in [a[-1] for a in built], "same-size files must get a pipeline without resize"
-    a = _feats(run, "dali")["shard/features"].astype(np.float32)
-    b = _feats(run, "torchvision")["shard/features"].astype(np.float32)
+    a = _feats(runs["dali"], "dali")["shard/features"].astype(np.float32)
+    b = _feats(runs["torchvision"], "torchvision")["shard/features"].astype(np.float32)
     assert (np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)).max() < 0.03

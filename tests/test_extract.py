@@ -1,4 +1,5 @@
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,10 +27,23 @@ def _datasets(path):
 
 
 @pytest.fixture(scope="module")
-def plan_run(tmp_path_factory):
+def plan_base(tmp_path_factory):
     run = tmp_path_factory.mktemp("x")
     coopt_fast.split("fashion-mnist", run, participants=2, shared_fraction=0.05, seed=1, limit=600)
     return run
+
+
+@pytest.fixture
+def plan_run(plan_base, tmp_path):
+    """A fresh copy of the plan per test: extract allows one participant per shard in a run."""
+    return _copy_plan(plan_base, tmp_path / "run")
+
+
+def _copy_plan(run, to):
+    """Another run with the same plan: where a test compares two extractions of one shard."""
+    to.mkdir()
+    shutil.copy(run / "plan.json", to / "plan.json")
+    return to
 
 
 def test_round_trip_and_uniformity(small_run):
@@ -54,8 +68,9 @@ def test_labels_prior_is_one_hot(small_run):
     assert np.array_equal(d["shard/features"].argmax(1), labels) and np.all(d["shard/features"].sum(1) == 1)
 
 
-def test_resume_after_interruption_equals_uninterrupted(plan_run, monkeypatch):
-    coopt_fast.extract(plan_run, "ref", 0, "convnet", batch_size=64, progress=False)
+def test_resume_after_interruption_equals_uninterrupted(plan_run, tmp_path, monkeypatch):
+    ref_run = _copy_plan(plan_run, tmp_path / "ref")
+    coopt_fast.extract(ref_run, "ref", 0, "convnet", batch_size=64, progress=False)
     calls = {"n": 0}
     real = store.append_rows
 
@@ -73,16 +88,13 @@ def test_resume_after_interruption_equals_uninterrupted(plan_run, monkeypatch):
     monkeypatch.setattr(store, "append_rows", real)
     s = coopt_fast.extract(plan_run, "cut", 0, "convnet", batch_size=64, progress=False)
     assert s["resumed"]
-    a, b = _datasets(plan_run / "participants" / "ref" / "features.h5"), _datasets(plan_run / "participants" / "cut" / "features.h5")
+    a, b = _datasets(ref_run / "participants" / "ref" / "features.h5"), _datasets(plan_run / "participants" / "cut" / "features.h5")
     for k in a:
         assert np.array_equal(a[k], b[k]), k
 
 
-def test_kill_9_then_resume(plan_run):
+def test_kill_9_then_resume(plan_run, tmp_path):
     """A real SIGKILL mid-extraction; the rerun completes with the uninterrupted run's values."""
-    ref = plan_run / "participants" / "ref" / "features.h5"
-    if not ref.exists():
-        coopt_fast.extract(plan_run, "ref", 0, "convnet", batch_size=64, progress=False)
     cmd = [sys.executable, "-m", "coopt_fast", "extract", str(plan_run), "--participant", "killed", "--shard", "0",
            "--prior", "convnet", "--batch-size", "16", "--quiet"]
     partial = plan_run / "participants" / "killed" / "features.h5.partial"
@@ -93,10 +105,11 @@ def test_kill_9_then_resume(plan_run):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert partial.exists(), "killed before it wrote anything: the test proves nothing"
-    # Batch size 16 differs from ref's 64; resume must keep 16 for itself. Compare with its own clean run.
+    # Resume must keep batch size 16 for itself. Compare with its own clean run.
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    coopt_fast.extract(plan_run, "clean16", 0, "convnet", batch_size=16, progress=False)
-    a = _datasets(plan_run / "participants" / "clean16" / "features.h5")
+    clean_run = _copy_plan(plan_run, tmp_path / "clean")
+    coopt_fast.extract(clean_run, "clean16", 0, "convnet", batch_size=16, progress=False)
+    a = _datasets(clean_run / "participants" / "clean16" / "features.h5")
     b = _datasets(plan_run / "participants" / "killed" / "features.h5")
     for k in a:
         assert np.array_equal(a[k], b[k]), k

@@ -90,9 +90,13 @@ def test_folder_images_of_mixed_size_are_resized(tmp_path):
             side = 10 + 4 * i
             write_png(torch.full((3 if c == "a" else 1, side, side + 2), 40 * i, dtype=torch.uint8), str(root / c / f"{i}.png"))
     with h5py.File(tmp_path / "merged.h5", "w") as f:
-        f.attrs.update(format_version=1, complete=True, participants='["p"]', dataset=f"folder:{root}", limit=-1)
+        f.attrs.update(format_version=1, complete=True, participants='["p"]', dataset=f"folder:{root}", limit=-1,
+                       dim=4, target_dtype="float16", fingerprint='{"n": 6}', inputs="{}")
         f.create_dataset("targets", data=np.ones((6, 4), np.float16))
         f.create_dataset("index", data=np.arange(6))
+        f.create_dataset("participant", data=np.zeros(6, np.int16))
+        f.create_dataset("target_mean", data=np.ones(4, np.float32))
+        f.create_dataset("target_std", data=np.zeros(4, np.float32))
     loader = StoreLoader(tmp_path / "merged.h5", 4, fields=("images", "targets"), image_size=8)
     assert loader.image_shape is None
     shapes = [tuple(b["images"].shape) for b in loader]

@@ -70,11 +70,11 @@ def test_round_upgrade_archives_and_merge_takes_the_latest(base, run, tmp_path):
     coopt_fast.align(run, dim=16, participant="b", progress=False)
     with pytest.raises(CooptError, match=r"different S\*.*rerun align for every participant"):
         coopt_fast.merge(run, progress=False)
-    a = coopt_fast.align(run, dim=16, progress=False)
+    a = coopt_fast.align(run, dim=16, progress=False, force=True)  # a realigns to the new S*
     assert {r["participant"]: r["round"] for r in a["participants"]} == {"a": 0, "b": 1}
     with h5py.File(b / "aligned.h5", "r") as f:
         assert int(f.attrs["round"]) == 1
-    m = coopt_fast.merge(run, progress=False)
+    m = coopt_fast.merge(run, progress=False, force=True)  # over round 0's merged.h5
     assert m["rounds"] == {"a": 0, "b": 1}
     got = _merged(run)
     assert got["rounds"] == {"a": 0, "b": 1}
@@ -172,7 +172,7 @@ def test_torchrun_ranks_above_0_wait_for_rank_0s_archive(run, monkeypatch):
     assert (out.parent / "rounds" / "0" / "features.h5").exists()
 
 
-def test_torchrun_round_upgrade_equals_one_process(run):
+def test_torchrun_round_upgrade_equals_one_process(run, tmp_path):
     """Two gloo ranks extracting round 1: rank 0 archives round 0, rank 1 waits; the result is
     the one-process extraction of round 1."""
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
@@ -184,9 +184,12 @@ def test_torchrun_round_upgrade_equals_one_process(run):
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert file_sha256(b / "rounds" / "0" / "features.h5") == before
-    coopt_fast.extract(run, "single", 1, "convnet", seed=1, round=1, batch_size=100, decoder="torchvision",
+    alone = tmp_path / "alone"  # a run of its own: b holds shard 1 here, one participant per shard
+    alone.mkdir()
+    shutil.copy(run / "plan.json", alone / "plan.json")
+    coopt_fast.extract(alone, "single", 1, "convnet", seed=1, round=1, batch_size=100, decoder="torchvision",
                        progress=False)
-    single = run / "participants" / "single" / "features.h5"
+    single = alone / "participants" / "single" / "features.h5"
     with h5py.File(b / "features.h5", "r") as f, h5py.File(single, "r") as g:
         assert int(f.attrs["round"]) == 1
         for k in ("shard/index", "shard/features", "shared/index", "shared/features"):

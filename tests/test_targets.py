@@ -98,17 +98,17 @@ def test_reference_choice_keeps_labels_from_collapsing_the_store(small_run, tmp_
     assert {r["participant"] for r in sc["participants"]} == {"alice", "bob", "carol"}
     run = tmp_path / "run"
     shutil.copytree(small_run, run)
-    paper = coopt_fast.align(run, dim=32, reference="best", score="uniformity", progress=False)
+    paper = coopt_fast.align(run, dim=32, reference="best", score="uniformity", progress=False, force=True)
     assert paper["reference"] == "alice" and paper["score"] == "uniformity"
     assert any("effective rank" in w and "alice" in w and "consensus" in w for w in paper["warnings"]), paper["warnings"]
     rank_paper = scores.effective_rank(_merged(run))
-    best = coopt_fast.align(run, dim=32, reference="best", progress=False)
+    best = coopt_fast.align(run, dim=32, reference="best", progress=False, force=True)
     assert best["reference"] == sc["best"] == "carol"
     assert scores.effective_rank(_merged(run)) > rank_paper + 3  # the labels' ~9 directions, and more
     # the reference (carol, resnet18) is not fitted; bob's convnet is: 200 rows of S for 256 dims
     under = [w for w in best["warnings"] if "under-determined" in w]
     assert len(under) == 1 and under[0].startswith("bob: 200 usable rows of S for 256 feature dims"), under
-    default = coopt_fast.align(run, dim=32, progress=False)
+    default = coopt_fast.align(run, dim=32, progress=False, force=True)
     assert default["reference"] == "consensus" and default["score"] is None
     assert scores.effective_rank(_merged(run)) > rank_paper + 3
 
@@ -118,7 +118,7 @@ def _merged(run):
 
     import coopt_fast
 
-    coopt_fast.merge(run, progress=False)
+    coopt_fast.merge(run, progress=False, force=True)  # each realignment replaces the store
     with h5py.File(run / "merged.h5", "r") as f:
         return f["targets"][:].astype(np.float32)
 
@@ -159,7 +159,8 @@ def test_consensus_reference_fits_everyone_to_the_shared_directions(small_run, t
     local = tmp_path / "local"
     shutil.copytree(small_run, local)
     for nm in ("bob", "alice", "carol"):
-        coopt_fast.align(local, dim=32, participant=nm, reference="consensus", progress=False)
+        # force: the copy holds small_run's all-at-once files, which local mode must recompute
+        coopt_fast.align(local, dim=32, participant=nm, reference="consensus", progress=False, force=True)
     for nm in ("alice", "bob", "carol"):
         a = _h5(run / "participants" / nm / "aligned.h5")
         b = _h5(local / "participants" / nm / "aligned.h5")
