@@ -35,7 +35,7 @@ import torch
 from . import codec, store
 from . import scores as prior_scores
 from .errors import CooptError, DiskFullError, disk_guard
-from .extract import check_name, participant_dir
+from .extract import RESERVED_NAMES as RESERVED, check_name, participant_dir
 from .plan import load_plan
 from .priors import file_sha256
 from .progress import bar
@@ -44,7 +44,6 @@ CONSENSUS = "consensus"
 APPLY_BLOCK_ROWS = 32768  # rows per grouped launch: 32k x 2048 fp16 = 128 MiB of features at most
 RIDGE_AUTO_FACTOR = 1e-2  # ridge relative to mean squared singular value of F(S)W, when |S| < 4 l_k
 MAX_DIM = 65536  # 32x resnet50's 2048 features; a float16 target row of 128 KiB (check_memory bounds it further)
-RESERVED = (CONSENSUS, "best", "none")  # --reference words: a participant of that name makes them ambiguous
 
 
 def participants(run: str | Path) -> list[str]:

@@ -53,6 +53,8 @@ from .priors import Prior, load_prior
 from .progress import bar
 from .student import resolve_device
 
+# Words align's --reference gives a meaning to: a participant of that name would make them ambiguous.
+RESERVED_NAMES = ("consensus", "best", "none")
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline through
 GROUPS = ("shared", "shard")
 # A round's files, in the order they are archived: features.h5 last, because its round attr is
@@ -171,6 +173,8 @@ def extract(
     check_seed(seed)
     dev = resolve_device(device)
     out = participant_dir(run, participant) / "features.h5"
+    if participant in RESERVED_NAMES:
+        raise CooptError(f"participant name {participant!r}: reserved (align --reference {participant} has its own meaning)")
     plan = load_plan(run)
     idx = shard_indices(plan, shard)
     if len(idx) == 0:

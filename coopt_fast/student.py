@@ -64,11 +64,14 @@ def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise CooptError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from None
+        raise CooptError(f"--device {device!r}: unknown device (use cpu, cuda, cuda:N or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CooptError(f"device {device!r} requested, but CUDA is not available on this machine")
+        raise CooptError(f"--device {device!r}: CUDA is not available on this machine")
     if dev.type not in ("cpu", "cuda"):
-        raise CooptError(f"unsupported device {device!r} (use cpu, cuda, cuda:N or auto)")
+        raise CooptError(f"--device {device!r}: unsupported device (use cpu, cuda, cuda:N or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CooptError(f"--device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0.."
+                         f"cuda:{torch.cuda.device_count() - 1}")
     if dev.type == "cpu":
         torch.set_flush_denormal(True)
     return dev

@@ -394,3 +394,21 @@ def test_extract_json_with_one_row_of_s(tmp_path):
     r = _ok(("extract", run, *EXTRACT_C[:-1], "--json"))
     s = json.loads(r.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in --json"))
     assert s["uniformity"] is None
+
+
+@pytest.mark.parametrize("name", ["consensus", "best", "none"])
+def test_reserved_participant_names_are_refused(run, name):
+    """align --reference gives these words a meaning: a participant of that name would make them ambiguous."""
+    refused(run.parent, ("extract", run, "--participant", name, "--shard", 0, "--prior", "labels", "--quiet"),
+            f"participant name '{name}'", "reserved")
+
+
+def test_device_index_beyond_this_machine(monkeypatch):
+    """cuda:99 on a GPU machine: one line naming the GPUs there are, not a traceback at the first .to()."""
+    from coopt_fast.errors import CooptError
+    from coopt_fast.student import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(CooptError, match=r"--device 'cuda:99': this machine has 2 GPU\(s\)"):
+        resolve_device("cuda:99")
