@@ -329,10 +329,6 @@ def check_features(run: Path, name: str, plan: dict, shard: bool = True) -> None
                 raise CooptError(f"{path}: {g}/features has NaN or Inf values (rows {bad}..)")
 
 
-def _plain(v):
-    return v.decode() if isinstance(v, bytes) else v.item() if isinstance(v, np.generic) else v
-
-
 def _published(path: Path, identity: dict) -> str:
     """What to do with a participant's aligned.h5: "write" (none yet), "skip" (it is this very
     alignment), "unrecorded" (it is, but its manifest.json lacks it: an align interrupted after
@@ -350,7 +346,7 @@ def _published(path: Path, identity: dict) -> str:
         if identity["reference"] == CONSENSUS:  # one S* for all: a change for one is a change for everyone
             why = " (another participant's features changed since)" if set(diff) == {"s_star"} else ""
             again = f"the consensus S* moved{why} and everyone is fitted to it: rerun with --force to realign everyone"
-        said = "; ".join(f"{k} {_plain(old)!r}, now {new!r}" for k, (old, new) in diff.items())
+        said = "; ".join(f"{k} {store.plain(old)!r}, now {new!r}" for k, (old, new) in diff.items())
         raise CooptError(f"{path}: holds another alignment ({said}); {again}")
     recorded = store.read_manifest(path.parent).get("aligned.h5")
     if recorded is None:

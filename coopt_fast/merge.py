@@ -55,19 +55,15 @@ def _text_attr(where: str, attrs, key: str) -> str:
     if isinstance(v, bytes):
         v = v.decode(errors="replace")
     if not isinstance(v, str):
-        raise CooptError(f"{where}: attribute {key} is {_plain(v)!r} ({type(v).__name__}), expected text")
+        raise CooptError(f"{where}: attribute {key} is {store.plain(v)!r} ({type(v).__name__}), expected text")
     return v
 
 
 def _int_attr(where: str, attrs, key: str, lo: int, hi: int) -> int:
     v = attrs[key]
     if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or not lo <= int(v) <= hi:
-        raise CooptError(f"{where}: attribute {key} is {_plain(v)!r}, expected an integer in [{lo}, {hi}]")
+        raise CooptError(f"{where}: attribute {key} is {store.plain(v)!r}, expected an integer in [{lo}, {hi}]")
     return int(v)
-
-
-def _plain(v):
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def _dataset(where: str, f: h5py.File, key: str, shape: tuple, dtype: str, finite: bool = False,

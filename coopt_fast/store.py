@@ -80,12 +80,15 @@ def open_partial(path: Path, identity: dict) -> tuple[h5py.File, bool]:
     return f, False
 
 
+def plain(v):
+    """An HDF5 attribute value as Python: bytes decoded, numpy scalars unwrapped."""
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def _attr_eq(a, b) -> bool:
-    if isinstance(a, bytes):
-        a = a.decode()
-    if isinstance(a, np.generic):
-        a = a.item()
-    return a == b
+    return plain(a) == b
 
 
 def create_rows(f: h5py.File, name: str, total: int, width: int, dtype=np.float16) -> h5py.Dataset:

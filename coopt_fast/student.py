@@ -43,14 +43,12 @@ import torch.nn.functional as F
 from . import augment
 from .errors import CooptError, disk_guard
 from .loader import StoreLoader, resolve_store
-from .priors import CONVNET_MEAN, CONVNET_STD, DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, SMALL_ARCHS, build_backbone, save_checkpoint
+from .priors import (CONVNET_MEAN, CONVNET_STD, DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, MAX_INPUT_SIZE,
+                     MIN_INPUT_SIZE, SMALL_ARCHS, build_backbone, save_checkpoint)
 from .progress import bar
 from .store import VERSION
 
 WARMUP_FRACTION = 0.05  # of all planned steps; short runs need a short warmup
-# px per side a student checkpoint may record: what extract and probe accept when they load it
-# (priors.read_checkpoint); 4096 px is 335x ImageNet's 224^2 pixels, one float32 RGB image 192 MiB
-MIN_INPUT_SIZE, MAX_INPUT_SIZE = 8, 4096
 MAX_SEED = 2**32 - 1    # epoch_permutation seeds with seed * 1_000_003 + epoch: stays inside torch's 64-bit range
 
 
