@@ -336,7 +336,7 @@ def _setup_model(spec: dict):
 def _setup_e2e(spec: dict):
     """-> (run, summary): one whole coopt_fast.extract into a fresh participant folder."""
     import coopt_fast
-    from coopt_fast.extract import participant_dir
+    from coopt_fast.layout import participant_dir
 
     run_dir = Path(spec["run"])
     count = iter(range(10**6))

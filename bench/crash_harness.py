@@ -565,12 +565,17 @@ point = sys.argv[1]
 def die(*a, **k):
     os.kill(os.getpid(), signal.SIGKILL)
 
-if point == "before-manifest":  # aligned.h5 renamed into place; manifest.json not yet touched
-    store.write_manifest = die
-elif point == "mid-manifest":  # half of manifest.json's new text written (store writes it to a .tmp first)
+if point == "before-manifest":  # aligned.h5 renamed into place; manifest.json not yet touched for it
+    write_manifest = store.write_manifest
+    def record(folder, filename):  # shared.h5 (published by align before the upload) is recorded
+        if filename == "aligned.h5":
+            die()
+        return write_manifest(folder, filename)
+    store.write_manifest = record
+elif point == "mid-manifest":  # half of manifest.json's new text (the one naming aligned.h5) written
     write_text = Path.write_text
     def torn(self, data, *a, **k):
-        if self.name.startswith("manifest.json"):
+        if self.name.startswith("manifest.json") and '"aligned.h5"' in data:
             with open(self, "w") as f:
                 f.write(data[: len(data) // 2])
             die()

@@ -22,18 +22,23 @@ def align(
     target_dtype: str = typer.Option("float16", "--target-dtype", help="float16 | bfloat16 | int8 (row scale) | int8-dim (dimension scale)"),
     force: bool = typer.Option(False, "--force", help="realign over existing aligned.h5 files (without it, one made "
                                "with other settings or features is refused; an identical one is left as it is)"),
+    workspace: Optional[str] = typer.Option(None, "--workspace", help="with --participant: the folder holding your "
+                                            "features.h5 (default RUN/participants/NAME)"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
 ):
     """Step 2b: project features to n dims and align them to the reference prior -> aligned.h5.
 
-    With --participant, only that participant aligns, reading its own features, the others'
-    published features on S (the consensus is computed from them; --reference best scores them),
-    and a single reference's published shared targets (raw shard features never leave it).
-    Every features.h5 it reads must match its participant's manifest.json and this run's plan.
+    With --participant, only that participant aligns, reading its own features (in --workspace)
+    and what the others published: their records (--reference best ranks them), their projected
+    features on S (shared.h5: the consensus is computed from them; yours is published first), or
+    a single reference's S*. While one of those is missing it publishes what it can, says whom it
+    waits for, and exits 75: rerun once they have aligned. Raw features never leave a workspace.
+    Every features.h5 it reads must match its manifest.json and this run's plan.
     """
     s = coopt_fast.align(run, dim=dim, participant=participant, reference=reference, ridge=ridge,
-                         target_dtype=target_dtype, progress=not quiet, score=score, force=force)
+                         target_dtype=target_dtype, progress=not quiet, score=score, force=force,
+                         workspace=workspace)
     by = f" (best by {s['score']})" if s["score"] and s["reference"] else ""
     t = Table(title=f"aligned to {s['reference'] or 'nothing (W only)'}{by} in {dim} dims, "
               f"{s['target_dtype']} ({s['bytes_per_row']} bytes/sample)")

@@ -51,9 +51,9 @@ def command(fn):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)
-        except CooptError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise typer.Exit(2)
+        except CooptError as e:  # WaitingError: "waiting: ...", exit 75 (try again later)
+            print(f"{'waiting' if getattr(e, 'exit_code', 2) == 75 else 'error'}: {e}", file=sys.stderr)
+            raise typer.Exit(getattr(e, "exit_code", 2))
         except OSError as e:
             # Disk full (ENOSPC), file size limit (EFBIG), permissions: one line, not a traceback.
             # Finished files are never touched; a resumable command's NAME.partial stays for the rerun.

@@ -23,10 +23,13 @@ def extract(
     compile: bool = typer.Option(False, "--compile/--no-compile", help="torch.compile the prior (compile time reported apart)"),
     on_bad_image: str = typer.Option("fail", "--on-bad-image", help="fail (name the file) | skip (record it, zero row)"),
     workers: int = typer.Option(None, "--workers", help="decode threads/processes (default: min(4, cores))"),
+    workspace: str = typer.Option(None, "--workspace", help="your own folder for features.h5 (default: "
+                                  "RUN/participants/NAME); the run receives only record.json"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
 ):
-    """Step 2a: features of your shard and of S with your prior -> RUN/participants/NAME/features.h5.
+    """Step 2a: features of your shard and of S with your prior -> WORKSPACE/features.h5, and your
+    record (round, shard, prior, scores on S) published to RUN/participants/NAME/record.json.
 
     Interrupted (even by kill -9) and rerun with the same options, it resumes at the last
     written batch and ends with the same values as an uninterrupted run. Under
@@ -36,7 +39,7 @@ def extract(
     """
     s = coopt_fast.extract(run, participant, shard, prior, batch_size=batch_size, device=device, round=round_,
                            seed=seed, decoder=decoder, compile=compile, on_bad_image=on_bad_image, workers=workers,
-                           progress=not quiet)
+                           progress=not quiet, workspace=workspace)
     t = Table(title=f"extract {participant}")
     for k in ("prior", "round", "archived", "rows", "shared_rows", "skipped_images", "feature_dim", "uniformity",
               "decoder", "seconds", "compile_seconds", "model_seconds", "resumed", "skipped"):

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import codec, store
+from . import codec, layout, publish, remote, store
 from . import scores as prior_scores
-from .errors import CooptError, DiskFullError, disk_guard
-from .extract import RESERVED_NAMES as RESERVED, check_name, participant_dir
+from .errors import CooptError, DiskFullError, WaitingError, disk_guard
+from .layout import RESERVED_NAMES as RESERVED, check_name
 from .plan import load_plan
 from .priors import file_sha256
 from .progress import bar
@@ -44,13 +44,6 @@ CONSENSUS = "consensus"
 APPLY_BLOCK_ROWS = 32768  # rows per grouped launch: 32k x 2048 fp16 = 128 MiB of features at most
 RIDGE_AUTO_FACTOR = 1e-2  # ridge relative to mean squared singular value of F(S)W, when |S| < 4 l_k
 MAX_DIM = 65536  # 32x resnet50's 2048 features; a float16 target row of 128 KiB (check_memory bounds it further)
-
-
-def participants(run: str | Path) -> list[str]:
-    """Names with a published features.h5: its latest round (archived rounds live one level down)."""
-    root = Path(run) / "participants"
-    names = sorted(p.name for p in root.iterdir() if (p / "features.h5").exists()) if root.is_dir() else []
-    return names
 
 
 def projection(l: int, n: int, seed: int) -> torch.Tensor:
@@ -86,15 +79,8 @@ def fit_map(fs: torch.Tensor, w: torch.Tensor, target: torch.Tensor, ridge: floa
     return (w.double() @ t).float(), float(ridge)
 
 
-def _shared_features(run: Path, name: str) -> torch.Tensor:
-    """A participant's published features on S, the rows it could decode."""
-    with store.open_complete(participant_dir(run, name) / "features.h5", "features") as f:
-        ok = store.decoded_on_s(f)
-        return torch.from_numpy(f["shared/features"][:][ok].astype(np.float32))
-
-
 def check_reference(run: Path, names: list[str], reference: str, score: str) -> None:
-    """--reference and --score, before any file is read. names: the participants with features."""
+    """--reference and --score, before any file is read. names: the participants of the run."""
     if score not in prior_scores.SCORES:
         raise CooptError(f"--score: unknown score {score!r}; choose from {', '.join(prior_scores.SCORES)}")
     if reference in RESERVED:
@@ -103,32 +89,100 @@ def check_reference(run: Path, names: list[str], reference: str, score: str) -> 
         return
     check_name(reference)
     if reference not in names:
-        raise CooptError(f"--reference {reference}: no such participant with features in {run}")
+        raise CooptError(f"--reference {reference}: no such participant in {run}")
 
 
-def choose_reference(run: Path, names: list[str], reference: str, score: str = prior_scores.DEFAULT_SCORE) -> str | None:
-    check_reference(run, names, reference, score)
+class Peers:
+    """What one align knows of each participant: the features this process may read (a
+    participant's own workspace; on one disk, everyone's default workspace), each checked before
+    use, and what the others published (record.json, shared.h5). Raw features of a participant
+    whose workspace is elsewhere are never needed: its published files stand in for them."""
+
+    def __init__(self, run: Path, plan: dict, names: list[str], local: dict[str, Path]):
+        self.run, self.plan, self.names, self.local = run, plan, names, local
+        self._records: dict[str, dict | None] = {}
+        self.digests: dict[str, str] = {}
+
+    def record(self, name: str) -> dict | None:
+        if name not in self._records:
+            self._records[name] = publish.read_record(self.run, name)
+        return self._records[name]
+
+    def features(self, name: str, shard: bool = False) -> Path:
+        """The checked features.h5 of `name` (check_features once per file; `shard` also reads its rows)."""
+        if name not in self.local:
+            raise CooptError(f"{self.run}: participant {name}'s features are not here (its workspace is elsewhere)")
+        key = name + (":shard" if shard else "")
+        if key not in self.digests:
+            self.digests[key] = self.digests[name] = check_features(self.local[name], name, self.plan, shard=shard)
+        return self.local[name]
+
+    def describe(self, name: str) -> dict:
+        """Round and features sha256 of `name`'s latest features: what its published files must match."""
+        if name in self.local:  # its features first: a fault there is what to name
+            self.features(name)
+            rec = self.record(name)
+            if rec is not None and rec["features_sha256"] != self.digests[name]:
+                raise CooptError(f"{layout.record_path(self.run, name)}: describes other features than "
+                                 f"{self.local[name]} (rerun extract for {name} to publish its record)")
+            with store.open_complete(self.local[name], "features") as f:
+                return {"round": int(f.attrs["round"]), "features_sha256": self.digests[name]}
+        rec = self.record(name)
+        if rec is None:
+            raise CooptError(f"{layout.participant_dir(self.run, name)}: participant {name} has published no record.json "
+                             f"(it runs extract)")
+        return {"round": rec["round"], "features_sha256": rec["features_sha256"]}
+
+
+    def score(self, name: str, score: str) -> float:
+        self.describe(name)  # the record (if any) is of the features it names
+        rec = self.record(name)
+        if rec is not None:
+            return rec["scores"].get(score, float("nan"))
+        return prior_scores.compute(_shared_features(self.features(name)), score)
+
+    def shared(self, name: str, identity: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A published shared.h5 of exactly `identity`, else None."""
+        return publish.read_shared(self.run, name, identity)
+
+
+def _shared_features(path: Path) -> torch.Tensor:
+    """Features on S of a (checked) features.h5, the rows it could decode."""
+    with store.open_complete(path, "features") as f:
+        ok = store.decoded_on_s(f)
+        return torch.from_numpy(f["shared/features"][:][ok].astype(np.float32))
+
+
+def _features_on_s(path: Path) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """(features on S float32, decoded mask, S index, S skipped) of a checked features.h5."""
+    with store.open_complete(path, "features") as f:
+        return (torch.from_numpy(f["shared/features"][:].astype(np.float32)), torch.from_numpy(store.decoded_on_s(f)),
+                f["shared/index"][:], f["shared/skipped"][:])
+
+
+def choose_reference(peers: Peers, reference: str, score: str = prior_scores.DEFAULT_SCORE) -> str | None:
     if reference == "none":
         return None
     if reference != "best":
         return reference
-    values = {nm: prior_scores.compute(_shared_features(run, nm), score) for nm in names}
-    ref = prior_scores.best(values, score)
+    ref = prior_scores.best({nm: peers.score(nm, score) for nm in peers.names}, score)
     if ref is None:
-        raise CooptError(f"{run}: no participant has a finite {score} on S")
+        raise CooptError(f"{peers.run}: no participant has a finite {score} on S")
     return ref
 
 
-def reference_warnings(run: Path, ref: str | None, dim: int, s_star: torch.Tensor | None = None) -> list[str]:
+def reference_warnings(peers: Peers, ref: str | None, dim: int, s_star: torch.Tensor | None) -> list[str]:
     """The reference spans the target space: say so when it uses fewer directions than --dim.
-    s_star: the consensus S* on the rows of S everyone decoded (ref == CONSENSUS)."""
+    s_star: S* on the rows of S the reference (every participant, for the consensus) decoded."""
     if ref is None:
         return []
-    if ref == CONSENSUS:
-        er = prior_scores.effective_rank(s_star.numpy())
+    if ref != CONSENSUS and peers.record(ref) is not None:
+        er = peers.record(ref)["scores"].get("effective-rank", float("nan"))
+    elif ref != CONSENSUS:
+        er = prior_scores.effective_rank(_shared_features(peers.features(ref)).numpy())
     else:
-        er = prior_scores.effective_rank(_shared_features(run, ref).numpy())
-    if er >= dim:
+        er = prior_scores.effective_rank(s_star.numpy())
+    if not er < dim:
         return []
     msg = f"reference {ref} has effective rank {er:.1f} on S, below --dim {dim}: the targets use about {er:.0f} of {dim} dims"
     if ref != CONSENSUS:
@@ -137,6 +191,7 @@ def reference_warnings(run: Path, ref: str | None, dim: int, s_star: torch.Tenso
     return [msg]
 
 
+@remote.on_participant(others=(layout.RECORD, layout.SHARED))
 def align(
     run: str | Path,
     dim: int = 512,
@@ -147,14 +202,20 @@ def align(
     progress: bool = True,
     score: str = prior_scores.DEFAULT_SCORE,
     force: bool = False,
+    workspace: str | Path | None = None,
 ) -> dict:
     """Align one participant (local mode) or all of them; write each aligned.h5.
 
+    participant: align only this one, from its own features (in `workspace`, default
+    RUN/participants/NAME) and what the others published (record.json; shared.h5: their projected
+    features on S for the consensus, the reference's S* otherwise). Under the consensus it first
+    publishes its own shared.h5; while another participant's is missing it raises WaitingError
+    (exit 75) naming them, and a rerun once they have published finishes.
     reference "best" takes the participant with the best `score` on S (coopt_fast.scores).
     target_dtype: how the uploaded targets are stored (see coopt_fast.codec).
-    force: (re)write every participant's aligned.h5. Without it, an existing aligned.h5 identical to
-    what align would write is left alone (its row says "skipped"), and any other is refused,
-    naming what differs.
+    force: (re)write every participant's aligned.h5 and shared.h5. Without it, an existing file
+    identical to what align would write is left alone (its row says "skipped"), and any other is
+    refused, naming what differs.
     The summary's "warnings" (also printed by the CLI) name a reference of low effective rank
     and fits with fewer rows of S than feature dims (under-determined: the ridge decides).
     """
@@ -166,45 +227,59 @@ def align(
         raise CooptError(f"--dim must be in [1, {MAX_DIM}], got {dim}")
     if ridge is not None and not (math.isfinite(ridge) and ridge >= 0):
         raise CooptError(f"--ridge must be a finite number >= 0, got {ridge}")
+    if workspace is not None and participant is None:
+        raise CooptError("--workspace is one participant's: give --participant NAME with it")
     plan = load_plan(run)
-    everyone = participants(run)
+    everyone = layout.participants(run)
+    local = {nm: layout.features_path(run, nm) for nm in everyone}
+    if participant is not None:
+        own = layout.features_path(run, check_name(participant), workspace)
+        if not own.exists():
+            raise CooptError(f"{own}: not found (run extract first)")
+        everyone = sorted(set(everyone) | {participant})
+        local[participant] = own
+    local = {nm: p for nm, p in local.items() if p.exists()}
     if not everyone:
         raise CooptError(f"{run}: no participant has extracted features yet")
-    if participant is not None and participant not in everyone:
-        check_name(participant)
-        raise CooptError(f"{participant_dir(run, participant) / 'features.h5'}: not found (run extract first)")
-    check_reference(run, everyone, reference, score)
     todo = [participant] if participant else everyone
+    away = [nm for nm in todo if nm not in local]
+    if away:
+        raise CooptError(f"{run}: the features of {', '.join(away)} are not in this run folder (their workspaces are "
+                         f"elsewhere): each participant aligns itself, align --participant NAME --workspace DIR")
+    check_reference(run, everyone, reference, score)
     check_memory(plan, dim, len(everyone), len(todo))
-    # Everything read is checked before anything is computed or written: the consensus and
-    # "best" read everyone's features on S, a named reference its own.
-    for nm in everyone if reference in (CONSENSUS, "best") else sorted(set(todo) | {reference} - {"none"}):
-        check_features(run, nm, plan, shard=nm in todo)
-    ref = choose_reference(run, everyone, reference, score)
-    s_star, ref_ok = consensus_targets(run, everyone, dim) if ref == CONSENSUS else (None, None)
-    warnings = reference_warnings(run, ref, dim, None if s_star is None else s_star[ref_ok])
+    # Everything read is checked before anything is computed or written.
+    peers = Peers(run, plan, everyone, local)
+    for nm in todo:
+        peers.features(nm, shard=True)
+    for nm in everyone if reference in (CONSENSUS, "best") else sorted({reference} - {"none"}):
+        peers.describe(nm)
+    ref = choose_reference(peers, reference, score)
     # The reference aligns first: its stored (float16) shared targets are S* for everyone, in
     # local and in all-participants mode alike, so both modes give the same bits.
     if ref in todo:
         todo = [ref] + [p for p in todo if p != ref]
     t0 = time.perf_counter()
+    s_star = ref_ok = None
+    to_publish = {}  # name -> shared.h5 contents, published once every fit has succeeded
+    if ref == CONSENSUS:
+        s_star, ref_ok, to_publish = _consensus(peers, todo, dim, force)
+    elif ref is not None and ref not in todo:
+        s_star, ref_ok = _reference_targets(peers, ref, dim)
+    warnings = reference_warnings(peers, ref, dim, None if s_star is None else s_star[ref_ok])
 
     fits = {}
     for name in todo:
-        fpath = participant_dir(run, name) / "features.h5"
+        fpath = peers.local[name]
+        fs, ok, s_index, s_skipped = _features_on_s(fpath)
         with store.open_complete(fpath, "features") as f:
-            fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
-            ok = torch.from_numpy(store.decoded_on_s(f))  # decoded rows of S
             meta = {k: f.attrs[k] for k in ("prior", "uniformity", "feature_dim")}
             meta["round"] = int(f.attrs.get("round", 0))
-            features_id = _features_id(f)
         seed = projection_seed(plan["seed"], name)
         w = projection(fs.shape[1], dim, seed)
         if ref is None or name == ref:
             m, lam = w, 0.0
         else:
-            if s_star is None:
-                s_star, ref_ok = _reference_targets(run, ref, dim)
             use = ok & ref_ok  # rows of S that both sides decoded
             if int(use.sum()) < 2 and not ridge:
                 raise CooptError(f"{fpath}: S has {int(use.sum())} usable rows, too few for a fit without --ridge")
@@ -215,29 +290,35 @@ def align(
         shared_t = align_apply([fs.half()], [m])[0][0]
         if name == ref:
             s_star, ref_ok = shared_t.float(), ok
+            to_publish[name] = (_shared_identity(name, "s_star", dim, seed, peers.describe(name)), s_index, s_skipped,
+                                shared_t)
         # The reference (and --reference none) fits nothing: residual 0 by definition.
         residual = 0.0 if ref is None or name == ref else float(
             (fs[use] @ m - s_star[use]).norm() / s_star[use].norm().clamp_min(1e-30))
         # What an aligned.h5 is made from: a partial resumes, and a published one is up to date, only if equal.
         identity = {"participant": name, "reference": ref or "none", "dim": int(dim), "ridge": float(lam),
-                    "projection_seed": int(seed), "features_sha256": features_id, "target_dtype": target_dtype,
+                    "projection_seed": int(seed), "features_sha256": peers.digests[name], "target_dtype": target_dtype,
                     "s_star": s_star_id(None if ref is None else s_star)}
         fits[name] = dict(w=w, map=m, ridge=lam, seed=seed, shared=shared_t, residual=residual, meta=meta,
-                          identity=identity)
+                          identity=identity, features=fpath)
 
     # Decided for everyone before anything is written: one refusal leaves every file as it was.
-    state = {nm: "write" if force else _published(participant_dir(run, nm) / "aligned.h5", ft["identity"])
+    state = {nm: "write" if force else _published(layout.upload_path(run, nm), ft["identity"])
              for nm, ft in fits.items()}
+    s_state = {nm: _shared_state(run, nm, m[0], force) for nm, m in to_publish.items()}
+    for nm, st in s_state.items():
+        if st == "write":
+            publish.write_shared(run, nm, *to_publish[nm])
     write = {nm: ft for nm, ft in fits.items() if state[nm] == "write"}
     if write:
         with contextlib.ExitStack() as locks:  # one writer per aligned.h5
             for nm in write:
-                locks.enter_context(store.Lock(participant_dir(run, nm) / "aligned.h5"))
+                locks.enter_context(store.Lock(layout.upload_path(run, nm)))
             with disk_guard(run / "participants"):
                 _apply_all(run, write, ref, dim, target_dtype, progress, align_apply)
     for nm in fits:
         if state[nm] in ("write", "unrecorded"):
-            store.write_manifest(participant_dir(run, nm), "aligned.h5")
+            store.write_manifest(layout.participant_dir(run, nm), layout.UPLOAD)
     rows = [
         {"participant": nm, "prior": str(ft["meta"]["prior"]), "uniformity": float(ft["meta"]["uniformity"]),
          "feature_dim": int(ft["meta"]["feature_dim"]), "residual": ft["residual"], "ridge": ft["ridge"],
@@ -248,6 +329,65 @@ def align(
             "dim": dim, "target_dtype": target_dtype,
             "bytes_per_row": codec.bytes_per_row(target_dtype, dim), "participants": rows,
             "seconds": time.perf_counter() - t0}
+
+
+def _shared_identity(name: str, kind: str, dim: int, seed: int, described: dict) -> dict:
+    return {"participant": name, "kind": kind, "dim": int(dim), "projection_seed": int(seed),
+            "round": int(described["round"]), "features_sha256": described["features_sha256"]}
+
+
+def _shared_state(run: Path, name: str, identity: dict, force: bool) -> str:
+    """"write" or "skip" (the same, recorded) for NAME's shared.h5. Another published one goes with
+    NAME's upload: replaced freely when there is no upload, else only with force (like aligned.h5)."""
+    path = layout.shared_path(run, name)
+    if force or not path.exists():
+        return "write"
+    try:
+        with store.open_complete(path, "shared") as f:
+            diff = {k: (f.attrs.get(k), v) for k, v in identity.items() if not store._attr_eq(f.attrs.get(k), v)}
+    except CooptError as e:
+        if layout.upload_path(run, name).exists():
+            raise CooptError(f"{e}; rerun with --force to replace it") from None
+        return "write"
+    if diff and layout.upload_path(run, name).exists():  # the upload it goes with is another alignment too
+        said = "; ".join(f"{k} {store.plain(old)!r}, now {new!r}" for k, (old, new) in diff.items())
+        raise CooptError(f"{layout.upload_path(run, name)}: holds another alignment (its shared.h5: {said}); everyone "
+                         f"is fitted to the same S*: rerun with --force to realign everyone")
+    recorded = store.read_manifest(path.parent).get(layout.SHARED)
+    return "skip" if not diff and recorded == file_sha256(path) else "write"
+
+
+def _consensus(peers: Peers, todo: list[str], dim: int, force: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """S* from everyone's projected features on S: computed from the features this process
+    holds, read from the others' published shared.h5. Returns (S*, rows everyone decoded, what
+    to publish as shared.h5 for `todo`). WaitingError, after publishing ours, while someone's is
+    missing: it is what they wait for."""
+    seed = peers.plan["seed"]
+    blocks, mine, missing = {}, {}, []
+    for nm in peers.names:
+        identity = _shared_identity(nm, "projected", dim, projection_seed(seed, nm), peers.describe(nm))
+        if nm in todo:
+            fs, ok, s_index, s_skipped = _features_on_s(peers.local[nm])
+            block = fs.double() @ projection(fs.shape[1], dim, identity["projection_seed"]).double()
+            blocks[nm] = (block, ok)
+            mine[nm] = (identity, s_index, s_skipped, block)
+        elif (got := peers.shared(nm, identity)) is not None:
+            blocks[nm] = got
+        elif nm in peers.local:  # one disk: its features are here
+            fs, ok, _, _ = _features_on_s(peers.features(nm))
+            blocks[nm] = (fs.double() @ projection(fs.shape[1], dim, identity["projection_seed"]).double(), ok)
+        else:
+            missing.append(nm)
+    states = {nm: _shared_state(peers.run, nm, m[0], force) for nm, m in mine.items()}
+    if missing:
+        for nm, m in mine.items():
+            if states[nm] == "write":
+                publish.write_shared(peers.run, nm, *m)
+        raise WaitingError(f"{peers.run}: the consensus needs every participant's projected features on S; "
+                           f"{', '.join(missing)} ha{'s' if len(missing) == 1 else 've'} not published "
+                           f"shared.h5 for --dim {dim} yet ({', '.join(mine)}'s is published): rerun once "
+                           f"they have run align --participant NAME")
+    return (*consensus_targets(blocks, dim, seed), mine)
 
 
 def check_memory(plan: dict, dim: int, k: int, writers: int) -> None:
@@ -291,13 +431,12 @@ def feature_layout(f, path: Path) -> int:
     return width
 
 
-def check_features(run: Path, name: str, plan: dict, shard: bool = True) -> None:
+def check_features(path: Path, name: str, plan: dict, shard: bool = True) -> str:
     """A participant's features.h5 is what it published, for this run: whole (store.SCHEMA), the
     sha256 its manifest.json records, written by this participant from this plan's data set, shard
     and S, with shapes that agree and finite features on S (and on its shard, when `shard`: the
     participants align writes). Costs one hash of the file and one read of its shard features."""
-    folder = participant_dir(run, name)
-    path = folder / "features.h5"
+    folder = path.parent
     with store.open_complete(path, "features") as f:
         recorded = store.read_manifest(folder).get("features.h5")
         if recorded is None:
@@ -327,6 +466,7 @@ def check_features(run: Path, name: str, plan: dict, shard: bool = True) -> None
                         if not np.isfinite(x[b : b + APPLY_BLOCK_ROWS]).all()), None)
             if bad is not None:
                 raise CooptError(f"{path}: {g}/features has NaN or Inf values (rows {bad}..)")
+    return digest
 
 
 def _published(path: Path, identity: dict) -> str:
@@ -357,28 +497,24 @@ def _published(path: Path, identity: dict) -> str:
     return "skip"
 
 
-def consensus_targets(run: Path, names: list[str], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def consensus_targets(blocks: dict[str, tuple[torch.Tensor, torch.Tensor]], dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """S* [|S|, dim] shared by every participant, and the rows of S all of them decoded.
 
-    Each participant's projected features on S (F_k(S) W_k, the same W_k as its fit) are
-    centred and scaled to unit Frobenius norm, so each weighs the same whatever its scale or
-    dimension; S* = the top-dim principal directions of their concatenation (U Σ), spread over
-    all dim columns by a seeded Gaussian when S has fewer directions than dim, and scaled to unit
-    RMS (float16 targets keep their precision). Deterministic: any machine computes the same S*
-    from the published features on S.
+    blocks: each participant's projected features on S, F_k(S) W_k in float64 (the same W_k as
+    its fit), with its decoded rows. Each is centred and scaled to unit Frobenius norm, so each
+    weighs the same whatever its scale or dimension; S* = the top-dim principal directions of
+    their concatenation (U Σ), spread over all dim columns by a seeded Gaussian (seed: the plan's)
+    when S has fewer directions than dim, and scaled to unit RMS (float16 targets keep their
+    precision). Deterministic: any machine computes the same S* from the same blocks.
     """
-    seed = load_plan(run)["seed"]
-    blocks, ok = [], None
-    for nm in names:
-        with store.open_complete(participant_dir(run, nm) / "features.h5", "features") as f:
-            fs = torch.from_numpy(f["shared/features"][:].astype(np.float32))
-            dec = torch.from_numpy(store.decoded_on_s(f))
+    ok = None
+    for _, dec in blocks.values():
         ok = dec if ok is None else ok & dec
-        blocks.append(fs.double() @ projection(fs.shape[1], dim, projection_seed(seed, nm)).double())
     if int(ok.sum()) < 2:
-        raise CooptError(f"{run}: fewer than 2 rows of S decoded by every participant; no consensus to fit")
+        raise CooptError("fewer than 2 rows of S decoded by every participant; no consensus to fit")
     z = []
-    for b in blocks:
+    for nm in sorted(blocks):
+        b = blocks[nm][0]
         b = b[ok] - b[ok].mean(0)
         z.append(b / b.norm().clamp_min(1e-30))
     u, sv, _ = torch.linalg.svd(torch.cat(z, 1), full_matrices=False)
@@ -401,22 +537,14 @@ def s_star_id(s_star: torch.Tensor | None) -> str:
     return hashlib.sha256(s_star.float().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def _reference_targets(run: Path, ref: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference's published S* and which of its rows it could decode."""
-    path = participant_dir(run, ref) / "aligned.h5"
-    if not path.exists():
-        raise CooptError(f"{path}: the reference {ref!r} has not published its shared targets yet (run align --participant {ref})")
-    with store.open_complete(path, "aligned targets") as f:
-        if str(f.attrs["reference"]) != ref or int(f.attrs["dim"]) != dim:
-            raise CooptError(f"{path}: published for reference {f.attrs['reference']!r}, dim {f.attrs['dim']}; expected {ref!r}, {dim}")
-        if store.read_manifest(path.parent).get("aligned.h5") != file_sha256(path):
-            raise CooptError(f"{path}: sha256 is not the one {path.parent / 'manifest.json'} records (changed since "
-                             f"the reference published it, or align --participant {ref} was interrupted: rerun it)")
-        t = f["shared/targets"][:].astype(np.float32)
-        if t.shape != (f["shared/index"].shape[0], dim) or not np.isfinite(t).all():
-            raise CooptError(f"{path}: shared/targets must be finite with shape ({f['shared/index'].shape[0]}, {dim}), "
-                             f"got shape {t.shape}")
-        return torch.from_numpy(t), torch.from_numpy(store.decoded_on_s(f))
+def _reference_targets(peers: Peers, ref: str, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference's published S* (its shared.h5) and which rows of S it could decode."""
+    identity = _shared_identity(ref, "s_star", dim, projection_seed(peers.plan["seed"], ref), peers.describe(ref))
+    got = peers.shared(ref, identity)
+    if got is None:
+        raise WaitingError(f"{layout.shared_path(peers.run, ref)}: the reference {ref!r} has not published its shared "
+                           f"targets S* for --dim {dim} and its latest features yet (it runs align --participant {ref})")
+    return got
 
 
 def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, align_apply) -> None:
@@ -424,8 +552,8 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
     srcs, outs = {}, {}
     try:
         for name, ft in fits.items():
-            srcs[name] = store.open_complete(participant_dir(run, name) / "features.h5", "features")
-            path = participant_dir(run, name) / "aligned.h5"
+            srcs[name] = store.open_complete(ft["features"], "features")
+            path = layout.upload_path(run, name)
             f, _ = store.open_partial(path, ft["identity"])
             for key in ("shard/index", "shared/index", "shard/skipped", "shared/skipped"):
                 if key not in f:
@@ -433,6 +561,11 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
             for key, val in (("projection", ft["w"]), ("map", ft["map"]), ("shared/targets", ft["shared"])):
                 if key not in f:
                     f.create_dataset(key, data=val.numpy())
+            if "sample/rows" not in f:  # what inspect compares, so it needs no features: W-only targets of a sample
+                rows = inspect_rows(srcs[name]["shard/features"].shape[0], ft["seed"])
+                before = torch.from_numpy(srcs[name]["shard/features"][rows].astype(np.float32)) @ ft["w"]
+                f.create_dataset("sample/projected", data=before.numpy())
+                f.create_dataset("sample/rows", data=rows)
             n_k = srcs[name]["shard/features"].shape[0]
             tgt = store.create_rows(f, "shard/targets", n_k, dim, codec.storage_dtype(td))
             if td == "int8":
@@ -520,36 +653,46 @@ def _resume_stats(f, tgt) -> None:
         raise CooptError(f"{f.filename}: statistics and rows disagree; remove the .partial file and rerun align")
 
 
-def _features_id(f) -> str:
-    """Identifies the features an aligned file was made from (path-independent)."""
-    return f"{f.attrs['participant']}|{f.attrs['prior']}|{f.attrs['seed']}|{f.attrs['created']}"
+INSPECT_ROWS = 1000  # shard rows per upload that inspect compares: a CI of about ±0.06 on its bound
 
 
+def inspect_rows(n: int, seed: int) -> np.ndarray:
+    """The rows of a shard whose W-only targets an upload carries for inspect (sorted, seeded)."""
+    return np.sort(np.random.default_rng(seed).choice(n, size=min(n, INSPECT_ROWS), replace=False))
+
+
+@remote.on_platform
 def score(run: str | Path, by: str = prior_scores.DEFAULT_SCORE) -> dict:
-    """Every participant's scores on S (recomputed from the stored shared features), ranked by `by`;
+    """Every participant's scores on S, ranked by `by`, from their published records (computed by
+    extract from the features on S; runs made before records: recomputed from features.h5);
     "picks": the participant each score would choose as the reference."""
     if by not in prior_scores.SCORES:
         raise CooptError(f"--by: unknown score {by!r}; choose from {', '.join(prior_scores.SCORES)}")
     run = Path(run)
-    names = participants(run)
+    names = layout.participants(run)
     if not names:
         raise CooptError(f"{run}: no participant has extracted features yet")
     values, rows = {}, []
-    for nm in names:  # one read of each features.h5: the attrs and the features on S
-        path = participant_dir(run, nm) / "features.h5"
-        with store.open_complete(path, "features") as f:
-            feature_layout(f, path)
-            ok = store.decoded_on_s(f)
-            values[nm] = prior_scores.all_scores(torch.from_numpy(f["shared/features"][:][ok].astype(np.float32)))
-            rows.append({"participant": nm, "prior": str(f.attrs["prior"]), "feature_dim": int(f.attrs["feature_dim"]),
-                         "rows": int(f["shard/features"].shape[0]), "shared_rows": int(f["shared/features"].shape[0]),
-                         **{k.replace("-", "_"): v for k, v in values[nm].items()},
-                         "published_uniformity": float(f.attrs["uniformity"])})
+    for nm in names:
+        rec = publish.read_record(run, nm)
+        if rec is None:
+            path = layout.features_path(run, nm)
+            if not path.exists():
+                raise CooptError(f"{layout.participant_dir(run, nm)}: participant {nm} has published no record.json")
+            with store.open_complete(path, "features") as f:
+                feature_layout(f, path)
+            rec = publish.record_of(path, "")
+        values[nm] = rec["scores"]
+        rows.append({"participant": nm, "prior": rec["prior"], "feature_dim": rec["feature_dim"],
+                     "rows": rec["rows"], "shared_rows": rec["shared_rows"], "round": rec["round"],
+                     **{k.replace("-", "_"): values[nm].get(k, float("nan")) for k in prior_scores.SCORES},
+                     "published_uniformity": rec["uniformity"]})
     key = by.replace("-", "_")
     sign = prior_scores.SCORES[by]
     order = sorted(rows, key=lambda r: (not np.isfinite(r[key]), sign * r[key] if np.isfinite(r[key]) else 0,
                                         r["participant"]))
     for rank, r in enumerate(order, 1):
         r["rank"] = rank
-    picks = {sc: prior_scores.best({nm: v[sc] for nm, v in values.items()}, sc) for sc in prior_scores.SCORES}
+    picks = {sc: prior_scores.best({nm: v.get(sc, float("nan")) for nm, v in values.items()}, sc)
+             for sc in prior_scores.SCORES}
     return {"participants": order, "by": by, "best": picks[by], "picks": picks}

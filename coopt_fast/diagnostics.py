@@ -23,19 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import store
-from .align import feature_layout, number_attr, participants as list_participants
+from . import codec, layout, remote, store
+from .align import INSPECT_ROWS as SAMPLE_ROWS, number_attr
 from .errors import CooptError
-from .extract import participant_dir
 
-SAMPLE_ROWS = 1000   # per participant and pair: 1,000 held-out rows, a CI of about ±0.06 on the bound
 KNN_K = 15           # odd, so no ties; small enough to follow local density at ~500 rows per class
 MLP_HIDDEN, MLP_STEPS = 64, 300  # full-batch Adam: ~0.5 s per pair of 1,000-row samples in 256 dims
 CLASSIFIERS = ("mlp", "knn", "linear")
-
-
-def _sample(n: int, m: int, seed: int) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(n, size=min(n, m), replace=False))
 
 
 def _wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -132,46 +126,57 @@ def inconsistency(sets: dict[str, torch.Tensor], seed: int = 0, classifier: str 
             "ci95": [float(np.mean([p["ci95"][k] for p in v])) for k in (0, 1)]}, pairs
 
 
+@remote.on_platform
 def inspect(run: str | Path, plot: bool = True, seed: int = 0, classifier: str = "mlp") -> dict:
-    """U, residuals, G before/after (tv_lower_bound, 95% CI); writes RUN/inspect.png (targets in 2-D)."""
+    """U, residuals, G before/after (tv_lower_bound, 95% CI); writes RUN/inspect.png (targets in 2-D).
+
+    Reads the uploads alone (no features.h5): each carries the W-only targets of a seeded sample
+    of its shard rows (sample/projected, "before") beside its aligned targets ("after")."""
     run = Path(run)
-    names = [nm for nm in list_participants(run) if (participant_dir(run, nm) / "aligned.h5").exists()]
+    names = layout.uploads(run)
     if not names:
         raise CooptError(f"{run}: no aligned participants to inspect (run align first)")
     before, after, rows = {}, {}, []
-    for k, nm in enumerate(names):
-        fpath, apath = participant_dir(run, nm) / "features.h5", participant_dir(run, nm) / "aligned.h5"
-        with store.open_complete(fpath, "features") as ff, store.open_complete(apath, "aligned targets") as fa:
-            _check_pair(ff, fpath, fa, apath)
-            sel = _sample(ff["shard/features"].shape[0], SAMPLE_ROWS, seed + k)
-            feats = torch.from_numpy(ff["shard/features"][sel].astype(np.float32))
-            before[nm] = feats @ torch.from_numpy(fa["projection"][:])
-            after[nm] = torch.from_numpy(fa["shard/targets"][sel].astype(np.float32))
-            rows.append({"participant": nm, "prior": str(ff.attrs["prior"]), "feature_dim": int(ff.attrs["feature_dim"]),
-                         "uniformity": float(ff.attrs["uniformity"]), "residual": float(fa.attrs["residual"]),
-                         "reference": str(fa.attrs["reference"]) == nm})
+    for nm in names:
+        apath = layout.upload_path(run, nm)
+        with store.open_complete(apath, "aligned targets") as fa:
+            sel = _check_upload(fa, apath)
+            before[nm] = torch.from_numpy(fa["sample/projected"][:])
+            td = str(store.plain(fa.attrs["target_dtype"]))
+            scale = (torch.from_numpy(fa["shard/scale"][:][sel, 0]) if td == "int8" else
+                     torch.from_numpy(fa["scale"][:]) if td == "int8-dim" else None)
+            after[nm] = codec.decode(torch.from_numpy(fa["shard/targets"][sel]), td, scale).float()
+            rows.append({"participant": nm, "prior": str(store.plain(fa.attrs["prior"])),
+                         "feature_dim": int(fa["projection"].shape[0]),
+                         "uniformity": float(fa.attrs["uniformity"]), "residual": float(fa.attrs["residual"]),
+                         "reference": str(store.plain(fa.attrs["reference"])) == nm})
     g0, pairs0 = inconsistency(before, seed, classifier)
     g1, pairs1 = inconsistency(after, seed, classifier)
     out = {"participants": rows, "inconsistency": {"before": g0["estimate"], "after": g1["estimate"]},
            "inconsistency_ci95": {"before": g0["ci95"], "after": g1["ci95"]},
-           "estimator": f"tv_lower_bound ({classifier} two-sample test, {SAMPLE_ROWS} rows per participant)",
+           "estimator": f"tv_lower_bound ({classifier} two-sample test, up to {SAMPLE_ROWS} rows per participant)",
            "pairs": {"before": pairs0, "after": pairs1}}
     if plot:
         out["plot"] = str(_plot(run / "inspect.png", before, after))
     return out
 
 
-def _check_pair(ff, fpath: Path, fa, apath: Path) -> None:
-    """aligned.h5 fits the features.h5 beside it (what inspect multiplies and samples), so a
-    hand-edited file is one line naming it, not a shape error deep in torch."""
-    width = feature_layout(ff, fpath)
+def _check_upload(fa, apath: Path) -> np.ndarray:
+    """The sample rows of an upload whose shapes agree (what inspect reads), so a hand-edited
+    file is one line naming it, not a shape error deep in torch."""
     dim = number_attr(fa, apath, "dim", int)
     number_attr(fa, apath, "residual")
-    want = {"projection": (width, dim), "shard/targets": (ff["shard/features"].shape[0], dim)}
-    for name, shape in want.items():
-        if fa[name].shape != shape:
-            raise CooptError(f"{apath}: {name} has shape {fa[name].shape}, expected {shape} "
-                             f"(feature_dim of {fpath.name}, its shard rows, attribute dim)")
+    number_attr(fa, apath, "uniformity")
+    n = fa["shard/targets"].shape[0]
+    sel = fa["sample/rows"][:]
+    if fa["shard/targets"].ndim != 2 or fa["shard/targets"].shape[1] != dim:
+        raise CooptError(f"{apath}: shard/targets has shape {fa['shard/targets'].shape}, expected (rows, {dim}) (attribute dim)")
+    if sel.ndim != 1 or sel.dtype.kind not in "iu" or (len(sel) and (sel.min() < 0 or sel.max() >= n
+                                                                     or (np.diff(sel) <= 0).any())):
+        raise CooptError(f"{apath}: sample/rows must be ascending rows of shard/targets")
+    if fa["sample/projected"].shape != (len(sel), dim) or fa["projection"].ndim != 2:
+        raise CooptError(f"{apath}: sample/projected has shape {fa['sample/projected'].shape}, expected ({len(sel)}, {dim})")
+    return sel
 
 
 def _pca2(sets: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

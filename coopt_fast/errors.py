@@ -5,6 +5,13 @@ class CooptError(Exception):
     """Bad input: a path, flag or file that is wrong. Message names the file/field and the fault."""
 
 
+class WaitingError(CooptError):
+    """Not an error of the input: the command needs what another participant has yet to publish.
+    The CLI exits 75 (EX_TEMPFAIL: try again later); what this run could publish is published."""
+
+    exit_code = 75
+
+
 class DiskFullError(CooptError):
     """A write failed for lack of space or a file size limit (ENOSPC/EFBIG)."""
 

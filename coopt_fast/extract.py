@@ -1,6 +1,7 @@
 """Step 2a: a participant turns its shard (and the shared set S) into features with its prior.
 
-Writes RUN/participants/NAME/features.h5:
+Writes WORKSPACE/features.h5 (default workspace: RUN/participants/NAME; coopt_fast.layout), and
+publishes RUN/participants/NAME/record.json (coopt_fast.publish) once it is whole:
   shared/index [|S|] int64, shared/features [|S|, l] float16   (computed first: small)
   shard/index [n_k] int64,  shard/features [n_k, l] float16    (plan order)
   shard/skipped, shared/skipped  int64   sample ids of images that failed to decode under
@@ -22,7 +23,8 @@ published or is writing (their `shard` attribute); the same name re-extracting (
 new round) is the one way to replace them.
 
 Rounds: a participant may re-extract with an upgraded prior under a higher --round. Its published
-round (aligned.h5, manifest.json, features.h5) then moves to NAME/rounds/<old round>/ first, and
+round (layout.ROUND_FILES: aligned.h5, shared.h5, record.json, manifest.json in the run; then
+features.h5 in the workspace) then moves to rounds/<old round>/ of each folder first, and
 the top-level files are always the latest round, the only one align, merge and the other commands
 read. features.h5 moves last, so an interrupted archive is finished by rerunning the command.
 
@@ -34,6 +36,7 @@ self-contained, checksummed file) and removes the parts.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -45,7 +48,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import store
+from . import layout, publish, remote, store
 from .decode import batches, choose_decoder
 from .errors import CooptError, DiskFullError
 from .plan import check_seed, load_plan, plan_dataset, shard_indices
@@ -53,28 +56,12 @@ from .priors import Prior, load_prior
 from .progress import bar
 from .student import resolve_device
 
-# Words align's --reference gives a meaning to: a participant of that name would make them ambiguous.
-RESERVED_NAMES = ("consensus", "best", "none")
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # fullmatch: "$" would let a final newline through
+from .layout import RESERVED_NAMES, ROUND_FILES, check_name, participant_dir  # noqa: F401 (re-exported)
+
 GROUPS = ("shared", "shard")
-# A round's files, in the order they are archived: features.h5 last, because its round attr is
-# what says "this round is still here" — a crash mid-archive leaves it behind, and a rerun
-# finishes the move. aligned.h5 first: it must never outlive the features it was made from.
-ROUND_FILES = ("aligned.h5", "manifest.json", "features.h5")
 ROUND_WAIT_SECONDS = 120  # torchrun: how long ranks > 0 wait for rank 0 to archive the older round
 MAX_ROUND = 2**31 - 1      # rounds name folders and HDF5 attributes; 2**31 rounds is beyond any use
 MAX_BATCH = 65536          # one batch of 224 px images at this size is already ~40 GB as float32
-
-
-def check_name(name: str) -> str:
-    """Participant names become folder names: letters, digits, _ . - only; no traversal."""
-    if not NAME_RE.fullmatch(name) or ".." in name:
-        raise CooptError(f"participant name {name!r}: use 1-64 letters, digits, '_', '.', '-' (no '/', no '..')")
-    return name
-
-
-def participant_dir(run: str | Path, name: str) -> Path:
-    return Path(run) / "participants" / check_name(name)
 
 
 class Writer:
@@ -144,6 +131,7 @@ class ModelRunner:
         return y
 
 
+@remote.on_participant(others=(layout.RECORD,))
 def extract(
     run: str | Path,
     participant: str,
@@ -158,8 +146,10 @@ def extract(
     on_bad_image: str = "fail",
     workers: int | None = None,
     progress: bool = True,
+    workspace: str | Path | None = None,
 ) -> dict:
-    """Compute features of shard `shard` and of S with prior `prior`; write features.h5."""
+    """Compute features of shard `shard` and of S with prior `prior`; write features.h5 in the
+    participant's workspace (default RUN/participants/NAME) and publish its record.json."""
     if not 1 <= batch_size <= MAX_BATCH:
         raise CooptError(f"--batch-size must be in [1, {MAX_BATCH}], got {batch_size}")
     if round < 0:
@@ -172,7 +162,7 @@ def extract(
         raise CooptError(f"--on-bad-image {on_bad_image!r}: use fail or skip")
     check_seed(seed)
     dev = resolve_device(device)
-    out = participant_dir(run, participant) / "features.h5"
+    out = layout.features_path(run, participant, workspace)
     if participant in RESERVED_NAMES:
         raise CooptError(f"participant name {participant!r}: reserved (align --reference {participant} has its own meaning)")
     plan = load_plan(run)
@@ -202,19 +192,32 @@ def extract(
     rank_part = out.with_name(f"features.rank{rank}.h5") if world > 1 else out
     created = [d for d in (out.parent.parent, out.parent) if not d.exists()]
     try:
-        return _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image,
-                       workers, participant, rank, world, progress)
+        s = _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image,
+                    workers, participant, rank, world, progress, Path(run))
     except CooptError as e:
         if not isinstance(e, DiskFullError):  # bad input: leave the run folder as it was
             for d in reversed(created):
                 with contextlib.suppress(OSError):
                     d.rmdir()
         raise
+    if rank == 0:
+        _publish_record(Path(run), participant, out)
+    return s
+
+
+def _publish_record(run: Path, name: str, features: Path) -> None:
+    """record.json of the published features, unless the published one already describes them."""
+    try:
+        rec = publish.read_record(run, name)
+    except CooptError:
+        rec = None  # a damaged record is replaced by the true one
+    if rec is None or rec["features_sha256"] != store.read_manifest(features.parent).get(layout.FEATURES):
+        publish.write_record(run, name, features)
 
 
 def shard_holder(run: str | Path, shard: int, participant: str | None = None) -> Path | None:
-    """The features file (published, or a partial that opens) of a participant other than
-    `participant` whose `shard` attribute is `shard`; None when the shard is free."""
+    """The record or features file (published, or a partial that opens) of a participant other
+    than `participant` whose `shard` is `shard`; None when the shard is free."""
     for d in sorted((Path(run) / "participants").glob("*")):
         if d.name == participant or not d.is_dir():
             continue
@@ -222,6 +225,9 @@ def shard_holder(run: str | Path, shard: int, participant: str | None = None) ->
         for path in [feats, store.partial_path(feats), *sorted(d.glob("features.rank*.h5.partial"))]:
             if path.is_file() and shard_of(path) == shard:
                 return path
+        with contextlib.suppress(OSError, ValueError, UnicodeDecodeError, RecursionError, TypeError, AttributeError):
+            if json.loads((d / layout.RECORD).read_bytes()).get("shard") == shard:  # its workspace is elsewhere
+                return d / layout.RECORD
     return None
 
 
@@ -248,9 +254,9 @@ def shard_of(path: Path) -> int | None:
 
 
 def _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image, workers,
-            participant, rank, world, progress) -> dict:
+            participant, rank, world, progress, run) -> dict:
     with store.Lock(rank_part):  # one writer per file; a kill -9'd writer's lock is stale
-        archived = _retire_older_round(out, identity["round"], rank, world)
+        archived = _retire_older_round(out, identity["round"], rank, world, layout.participant_dir(run, participant))
         summary = None
         if out.exists():
             with store.open_complete(out, "features") as f:
@@ -279,9 +285,10 @@ def _round_of(path: Path) -> int | None:
         return None
 
 
-def _retire_older_round(out: Path, new: int, rank: int, world: int) -> str | None:
+def _retire_older_round(out: Path, new: int, rank: int, world: int, published: Path) -> str | None:
     """Before extracting round `new`: refuse if out holds a newer round; if it holds an older one,
-    archive it (rank 0) or wait until rank 0 has (ranks > 0). Returns the archive folder, if any."""
+    archive it (rank 0) or wait until rank 0 has (ranks > 0): the published folder's files first,
+    then the workspace's features. Returns the workspace's archive folder, if any."""
     old = _round_of(out)
     if old is None or old == new:
         return None
@@ -291,7 +298,9 @@ def _retire_older_round(out: Path, new: int, rank: int, world: int) -> str | Non
         with contextlib.ExitStack() as locks:
             if world > 1:  # rank 0 holds features.rank0.h5's lock; the published file has its own
                 locks.enter_context(store.Lock(out))
-            locks.enter_context(store.Lock(out.with_name("aligned.h5")))  # align must not be writing it
+            locks.enter_context(store.Lock(published / layout.UPLOAD))  # align must not be writing it
+            if published != out.parent:
+                archive_round(published, old)
             return str(archive_round(out.parent, old))
     deadline = time.monotonic() + ROUND_WAIT_SECONDS
     while (cur := _round_of(out)) is not None and cur < new:

@@ -28,10 +28,8 @@ import h5py
 import numpy as np
 import torch
 
-from . import codec, store
-from .align import participants as list_participants
+from . import codec, layout, remote, store
 from .errors import CooptError, disk_guard
-from .extract import participant_dir
 from .plan import load_plan, plan_dataset
 from .priors import file_sha256
 from .progress import bar
@@ -96,7 +94,7 @@ def _skips(where: str, key: str, skipped: np.ndarray, idx: np.ndarray) -> None:
 def _validate(run: Path, name: str, plan: dict) -> dict:
     """One upload's structure against the plan (its sha256, indices, the targets' shape and
     dtype); any fault is a CooptError naming the participant and the fault. Values: _check_values."""
-    path = participant_dir(run, name) / "aligned.h5"
+    path = layout.upload_path(run, name)
     where = f"participant {name} ({path})"
     try:
         f = store.open_complete(path, "aligned targets")
@@ -159,6 +157,10 @@ def _check_values(u: dict, plan: dict, ds, names: list[str]) -> None:
         prior = _text_attr(where, f.attrs, "prior")
         w = _dataset(where, f, "projection", (None, dim), "float32", finite=True)
         _dataset(where, f, "map", w.shape, "float32", finite=True)
+        rows = _dataset(where, f, "sample/rows", (None,), "int")
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(u["keep"]) or (np.diff(rows) <= 0).any()):
+            raise CooptError(f"{where}: sample/rows must be ascending rows of shard/targets")
+        _dataset(where, f, "sample/projected", (len(rows), dim), "float32", finite=True)
         s_idx = _dataset(where, f, "shared/index", (None,), "int")
         if not np.array_equal(s_idx, plan["shared"]):
             raise CooptError(f"{where}: shared/index is not the plan's shared set S")
@@ -229,6 +231,7 @@ def _changes(out: Path, inputs: dict, plan: dict) -> str:
     return f"made from other inputs ({'; '.join(diff)})" if diff else ""
 
 
+@remote.on_platform
 def merge(run: str | Path, allow_missing: bool = False, progress: bool = True, force: bool = False) -> dict:
     """Validate uploads and write RUN/merged.h5 (atomically: merged.h5.partial, then rename).
 
@@ -237,8 +240,8 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True, f
     run = Path(run)
     t0 = time.perf_counter()
     plan = load_plan(run)
-    everyone = list_participants(run)  # with features.h5: the reference may be one whose upload is missing
-    names = [nm for nm in everyone if (participant_dir(run, nm) / "aligned.h5").exists()]
+    everyone = layout.participants(run)  # the reference may be one whose upload is missing
+    names = layout.uploads(run)
     if not names:
         raise CooptError(f"{run}: no aligned uploads (run align first)")
     ups = [_validate(run, nm, plan) for nm in names]

@@ -9,12 +9,14 @@ two participants claim counts once, with a warning naming them.
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import h5py
 
-from . import store
+from . import layout, publish, remote, store
+from .errors import CooptError
 from .extract import open_live, shard_of
 from .plan import load_plan
 
@@ -44,8 +46,35 @@ def _progress_of(part: Path) -> dict:
             "rate": rate, "eta_seconds": (total - done) / rate if rate > 0 else None}
 
 
+def _record(run: Path, name: str) -> dict | None:
+    try:
+        return publish.read_record(run, name)
+    except CooptError:
+        return None  # reported (and refused) by verify, align and merge
+
+
+def _round(path: Path, attr_file: str) -> int | None:
+    try:
+        if attr_file == layout.RECORD:
+            return int(json.loads(path.read_bytes())["round"])
+        with h5py.File(path, "r") as f:
+            return int(f.attrs["round"])
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, RecursionError):
+        return None
+
+
+def rounds_of(folder: Path) -> list[int]:
+    """Every round a participant's folder holds: archived (rounds/R/) and the latest."""
+    latest = next((r for n in (layout.RECORD, layout.UPLOAD, layout.FEATURES)
+                   if (folder / n).exists() and (r := _round(folder / n, n)) is not None), None)
+    return sorted(set(layout.rounds(folder)) | ({latest} if latest is not None else set()))
+
+
+@remote.on_platform
 def status(run: str | Path) -> dict:
-    """Per participant: extraction state, rows done/total, rows/s, ETA; whether aligned."""
+    """Per participant: extraction state, rows done/total, rows/s, ETA; whether aligned; its rounds.
+    A participant whose workspace is elsewhere shows what it published (record.json, aligned.h5):
+    its extraction progress is visible only in its own workspace."""
     run = Path(run)
     plan = load_plan(run)
     pdir = run / "participants"
@@ -53,7 +82,11 @@ def status(run: str | Path) -> dict:
     for d in sorted(pdir.iterdir()) if pdir.is_dir() else []:
         feats, part = d / "features.h5", store.partial_path(d / "features.h5")
         parts = sorted(d.glob("features.rank*.h5.partial"))  # torchrun ranks
-        if feats.exists():
+        rec = _record(run, d.name) if (d / layout.RECORD).exists() else None
+        if rec is not None and not feats.exists():  # workspace elsewhere: what it published
+            row = {"state": "extracted", "rows_done": rec["rows"] + rec["shared_rows"],
+                   "rows_total": rec["rows"] + rec["shared_rows"], "rate": None, "eta_seconds": None}
+        elif feats.exists():
             try:
                 with h5py.File(feats, "r") as f:
                     n = f["shard/features"].shape[0] + f["shared/features"].shape[0]
@@ -65,8 +98,11 @@ def status(run: str | Path) -> dict:
         else:
             continue
         row["participant"] = d.name
-        row["shard"] = shard_of(feats if feats.exists() else part if part.exists() else parts[0])
-        row["aligned"] = (d / "aligned.h5").exists()
+        row["shard"] = rec["shard"] if rec is not None else shard_of(
+            feats if feats.exists() else part if part.exists() else parts[0])
+        row["aligned"] = (d / layout.UPLOAD).exists()
+        row["rounds"] = rounds_of(d)
+        row["round"] = row["rounds"][-1] if row["rounds"] else None
         rows.append(row)
         if row["shard"] is not None:
             holders.setdefault(row["shard"], []).append(d.name)

@@ -182,7 +182,10 @@ SCHEMA = {
         ("participant", "reference", "dim", "ridge", "projection_seed", "target_dtype", "prior", "uniformity",
          "residual", "round"),
         ("shard/index", "shard/targets", "shard/skipped", "shared/index", "shared/targets", "shared/skipped",
-         "projection", "map", "stats/sum", "stats/sumsq")),
+         "projection", "map", "stats/sum", "stats/sumsq", "sample/rows", "sample/projected")),
+    "shared": (
+        ("participant", "kind", "dim", "projection_seed", "round", "features_sha256"),
+        ("index", "skipped", "values")),
     "merged store": (
         ("participants", "dataset", "fingerprint", "dim", "target_dtype", "inputs"),
         ("targets", "index", "participant", "target_mean", "target_std")),

@@ -17,7 +17,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from . import store
+from . import layout, publish, remote, store
 from .errors import CooptError
 from .plan import load_plan, plan_dataset
 from .priors import file_sha256
@@ -76,6 +76,7 @@ def _check_file(path: Path, what: str, plan: dict | None, shard: int | None) -> 
     return rows
 
 
+@remote.on_platform
 def verify(run: str | Path) -> dict:
     """A table of checks for every file in RUN; `ok` is False if any check failed."""
     run = Path(run)
@@ -102,8 +103,15 @@ def verify(run: str | Path) -> dict:
         except CooptError as e:
             add(d.relative_to(run) / "manifest.json", "parse", False, str(e).split(": ", 1)[-1])
             man = {}
-        shard = _shard_of(d / "features.h5")
-        for name in ("features.h5", "aligned.h5"):
+        shard = _shard_of(d)
+        if (d / layout.RECORD).exists():
+            try:
+                rec = publish.read_record(run, d.name)
+                add(d.relative_to(run) / layout.RECORD, "record", True,
+                    f"round {rec['round']}, shard {rec['shard']}, {rec['prior']}, recorded in manifest.json")
+            except CooptError as e:
+                add(d.relative_to(run) / layout.RECORD, "record", False, str(e).split(": ", 1)[-1])
+        for name in (layout.FEATURES, layout.SHARED, layout.UPLOAD):
             path = d / name
             rel = path.relative_to(run)
             if not path.exists():
@@ -134,10 +142,14 @@ def verify(run: str | Path) -> dict:
     return {"run": str(run), "ok": all(c["ok"] for c in checks), "checks": checks}
 
 
-def _shard_of(features: Path) -> int | None:
-    """The shard a participant extracted (aligned.h5 does not repeat it)."""
+def _shard_of(folder: Path) -> int | None:
+    """The shard a participant holds, from its record or features (aligned.h5 does not repeat it)."""
     try:
-        with h5py.File(features, "r") as f:
+        return _int(json.loads((folder / layout.RECORD).read_bytes())["shard"])
+    except (OSError, KeyError, ValueError, TypeError, UnicodeDecodeError, RecursionError):
+        pass
+    try:
+        with h5py.File(folder / layout.FEATURES, "r") as f:
             return _int(f.attrs["shard"])
     except (OSError, KeyError):
         return None

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import coopt_fast
+from coopt_fast import store
 from coopt_fast.cli import app
 from coopt_fast.priors import file_sha256
 
@@ -28,11 +29,13 @@ align_mod = importlib.import_module("coopt_fast.align")  # the module (coopt_fas
 
 @pytest.fixture
 def fresh(run):
-    """The run before align: no aligned.h5, manifests recording features.h5 only, no merged.h5."""
+    """The run before align: no aligned.h5 or shared.h5, manifests recording what extract
+    publishes (features.h5, record.json), no merged.h5."""
     for nm in ("a", "b"):
         d = run / "participants" / nm
         (d / "aligned.h5").unlink()
-        (d / "manifest.json").write_text(json.dumps({"features.h5": file_sha256(d / "features.h5")}))
+        (d / "shared.h5").unlink()
+        (d / "manifest.json").write_text(json.dumps({n: file_sha256(d / n) for n in ("features.h5", "record.json")}))
     (run / "merged.h5").unlink()
     return run
 
@@ -104,10 +107,10 @@ def test_local_mode_checks_the_features_it_reads_from_others(fresh, args):
 
 
 def test_local_mode_checks_the_references_published_targets(run):
-    """b aligns alone to a's published S*, which changed after a published it."""
+    """b aligns alone to a's published S* (its shared.h5), which changed after a published it."""
     coopt_fast.align(run, dim=DIM, reference="a", force=True, progress=False)
-    edit(run / "participants/a/aligned.h5", lambda f: f["shared/targets"].__setitem__((0, 0), 7.0), record=False)
-    refused(run.parent, _align(run, "--participant", "b", "--reference", "a"), "participants/a/aligned.h5", "sha256")
+    edit(run / "participants/a/shared.h5", lambda f: f["values"].__setitem__((0, 0), 7.0), record=False)
+    refused(run.parent, _align(run, "--participant", "b", "--reference", "a"), "participants/a/shared.h5", "sha256")
 
 
 # ---- options -----------------------------------------------------------------------------------
@@ -156,23 +159,47 @@ def test_train_options(run, extra, field):
 A = "participants/b/aligned.h5"
 
 
+R = "participants/b/record.json"
+
+
+def _record(fn, record: bool = True):
+    """Change b's published record.json; record=True: b re-records its sha256 (honest, but wrong)."""
+    def change(run):
+        path = run / R
+        rec = json.loads(path.read_text())
+        fn(rec)
+        path.write_text(json.dumps(rec))
+        if record:
+            store.write_manifest(path.parent, path.name)
+    return change
+
+
+@pytest.mark.parametrize("fault, names", [
+    pytest.param(_record(lambda r: r.__setitem__("rows", 1), record=False), ("sha256",), id="changed-since-published"),
+    pytest.param(_record(lambda r: r.__delitem__("uniformity")), ("'uniformity'",), id="no-uniformity"),
+    pytest.param(_record(lambda r: r.__setitem__("uniformity", "low")), ("'uniformity'",), id="uniformity-text"),
+    pytest.param(_record(lambda r: r["scores"].__setitem__("uniformity", "low")), ("scores.uniformity",),
+                 id="score-text"),
+    pytest.param(_record(lambda r: r.__setitem__("participant", "a")), ("record of participant 'a'",),
+                 id="a's-record"),
+    pytest.param(lambda run: (run / R).write_text("{"), ("sha256",), id="not-json"),
+])
+def test_score_names_the_faulty_record(run, fault, names):
+    fault(run)
+    refused(run.parent, ("score", run), R, *names)
+
+
 @pytest.mark.parametrize("rel, fault, cmd, names", [
-    pytest.param(B, lambda f: f.attrs.__delitem__("uniformity"), "score", ("missing attribute uniformity",),
-                 id="score-no-uniformity"),
-    pytest.param(B, lambda f: f.attrs.__setitem__("uniformity", "low"), "score", ("'uniformity'", "not a number"),
-                 id="score-uniformity-text"),
-    pytest.param(B, lambda f: replace(f, "shared/features", np.zeros(f["shared/index"].shape, np.float16)), "score",
-                 ("shared/features has shape",), id="score-1d-features"),
-    pytest.param(B, lambda f: f.attrs.__delitem__("prior"), "inspect", ("missing attribute prior",),
+    pytest.param(A, lambda f: f.attrs.__delitem__("prior"), "inspect", ("missing attribute prior",),
                  id="inspect-no-prior"),
     pytest.param(A, lambda f: f.attrs.__delitem__("residual"), "inspect", ("missing attribute residual",),
                  id="inspect-no-residual"),
     pytest.param(A, lambda f: f.attrs.__setitem__("residual", "small"), "inspect", ("'residual'", "not a number"),
                  id="inspect-residual-text"),
-    pytest.param(A, lambda f: replace(f, "projection", f["projection"][:-1]), "inspect", ("projection has shape",),
-                 id="inspect-projection-rows"),
+    pytest.param(A, lambda f: replace(f, "sample/projected", f["sample/projected"][:-1]), "inspect",
+                 ("sample/projected has shape",), id="inspect-sample-rows"),
     pytest.param(A, lambda f: replace(f, "shard/targets", f["shard/targets"][:5]), "inspect",
-                 ("shard/targets has shape",), id="inspect-fewer-targets"),
+                 ("sample/rows must be ascending rows of shard/targets",), id="inspect-fewer-targets"),
 ])
 def test_score_and_inspect_name_the_faulty_file(run, rel, fault, cmd, names):
     edit(run / rel, fault)
@@ -213,7 +240,7 @@ def test_unreadable_aligned_file_is_refused(run):
 
 def test_publish_interrupted_before_the_manifest_is_recorded_on_rerun(run):
     d = run / "participants/a"
-    (d / "manifest.json").write_text(json.dumps({"features.h5": file_sha256(d / "features.h5")}))
+    (d / "manifest.json").write_text(json.dumps({n: file_sha256(d / n) for n in ("features.h5", "record.json", "shared.h5")}))
     before = file_sha256(d / "aligned.h5")
     s = coopt_fast.align(run, dim=DIM, progress=False)
     assert all(p["skipped"] for p in s["participants"]) and file_sha256(d / "aligned.h5") == before

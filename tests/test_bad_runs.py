@@ -115,7 +115,8 @@ def test_status_shows_a_damaged_upload(run):
     p.write_bytes(p.read_bytes()[:1000])  # truncated: reported (an SWMR read of it would hang for minutes)
     s = json.loads(_ok(("status", run, "--json")).stdout)
     b = next(r for r in s["participants"] if r["participant"] == "b")
-    assert b["state"] == "unreadable" and b["shard"] is None and s["shards_started"] == 1
+    # its shard is still known from the record it published with the features
+    assert b["state"] == "unreadable" and b["shard"] == 1 and s["shards_started"] == 2
 
 
 # ---- participant names ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ from coopt_fast.priors import file_sha256
 from .conftest import requires_fmnist
 
 pytestmark = requires_fmnist
-ROUND_FILES = ("aligned.h5", "manifest.json", "features.h5")
+ROUND_FILES = ("aligned.h5", "shared.h5", "record.json", "manifest.json", "features.h5")
 extract_mod = importlib.import_module("coopt_fast.extract")  # the module (coopt_fast.extract is the function)
 
 
@@ -62,7 +62,7 @@ def test_round_upgrade_archives_and_merge_takes_the_latest(base, run, tmp_path):
     # The whole previous round moved, byte for byte; the top level holds round 1, not yet aligned.
     assert {n: file_sha256(b / "rounds" / "0" / n) for n in ROUND_FILES} == before
     assert not (b / "aligned.h5").exists()
-    assert json.loads((b / "manifest.json").read_text()) == {"features.h5": file_sha256(b / "features.h5")}
+    assert json.loads((b / "manifest.json").read_text()) == {n: file_sha256(b / n) for n in ("features.h5", "record.json")}
     with h5py.File(b / "features.h5", "r") as f:
         assert int(f.attrs["round"]) == 1 and int(f.attrs["seed"]) == 1
 
@@ -142,7 +142,7 @@ def test_interrupted_archive_is_finished_by_a_rerun(run):
     assert not (b / "aligned.h5.partial").exists() and not (b / "aligned.h5").exists()
     # The archived round is self-consistent: its manifest matches its files.
     man = json.loads((b / "rounds" / "0" / "manifest.json").read_text())
-    assert man == {n: before[n] for n in ("features.h5", "aligned.h5")}
+    assert man == {n: before[n] for n in ("features.h5", "aligned.h5", "shared.h5", "record.json")}
 
 
 def test_archive_never_overwrites_an_earlier_archive(run):
@@ -161,12 +161,12 @@ def test_torchrun_ranks_above_0_wait_for_rank_0s_archive(run, monkeypatch):
     out = run / "participants" / "b" / "features.h5"
     monkeypatch.setattr(extract_mod, "ROUND_WAIT_SECONDS", 0.5)
     with pytest.raises(CooptError, match="rank 1 waited 0.5 s for rank 0 to archive round 0"):
-        extract_mod._retire_older_round(out, 1, rank=1, world=2)
+        extract_mod._retire_older_round(out, 1, rank=1, world=2, published=out.parent)
     assert out.exists()
     monkeypatch.setattr(extract_mod, "ROUND_WAIT_SECONDS", 30)
     t = threading.Timer(0.3, extract_mod.archive_round, (out.parent, 0))
     t.start()
-    assert extract_mod._retire_older_round(out, 1, rank=1, world=2) is None
+    assert extract_mod._retire_older_round(out, 1, rank=1, world=2, published=out.parent) is None
     assert not out.exists()  # it returned only once rank 0's archive had moved features.h5
     t.join()
     assert (out.parent / "rounds" / "0" / "features.h5").exists()

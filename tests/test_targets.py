@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from coopt_fast import scores
+from coopt_fast import publish, scores
 from coopt_fast.diagnostics import tv_lower_bound
 
 
@@ -140,6 +140,16 @@ def test_cli_align_prints_warnings_and_rejects_an_unknown_score(small_run, tmp_p
     assert r.exit_code == 2 and "unknown score" in r.stderr
 
 
+def _projected_identity(run, name, dim):
+    """What align publishes as NAME's projected features on S (coopt_fast.align._shared_identity)."""
+    from coopt_fast.align import projection_seed
+
+    rec = publish.read_record(run, name)
+    seed = json.loads((run / "plan.json").read_text())["seed"]
+    return {"participant": name, "kind": "projected", "dim": dim, "projection_seed": projection_seed(seed, name),
+            "round": rec["round"], "features_sha256": rec["features_sha256"]}
+
+
 def test_consensus_reference_fits_everyone_to_the_shared_directions(small_run, tmp_path):
     import shutil
 
@@ -151,11 +161,13 @@ def test_consensus_reference_fits_everyone_to_the_shared_directions(small_run, t
     s = coopt_fast.align(run, dim=32, reference="consensus", progress=False)
     assert s["reference"] == "consensus" and s["score"] is None
     assert all(not r["reference"] and r["residual"] > 0 for r in s["participants"])  # nobody is S* itself
-    s_star, ok = consensus_targets(run, ["alice", "bob", "carol"], 32)
+    blocks = {nm: publish.read_shared(run, nm, _projected_identity(run, nm, 32)) for nm in ("alice", "bob", "carol")}
+    seed = json.loads((run / "plan.json").read_text())["seed"]
+    s_star, ok = consensus_targets(blocks, 32, seed)
     assert s_star.shape == (len(ok), 32) and bool(ok.all())
     assert float(s_star[ok].square().mean()) == pytest.approx(1.0, rel=1e-4)  # unit RMS: fp16 keeps precision
     # deterministic: recomputed the same, and local mode gives the same bits as all at once
-    assert torch.equal(consensus_targets(run, ["alice", "bob", "carol"], 32)[0], s_star)
+    assert torch.equal(consensus_targets(blocks, 32, seed)[0], s_star)
     local = tmp_path / "local"
     shutil.copytree(small_run, local)
     for nm in ("bob", "alice", "carol"):
