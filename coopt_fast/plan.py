@@ -46,7 +46,18 @@ def split(
     Shards are a seeded random partition of range(N), balanced or proportional to `sizes`
     (largest-remainder rounding, every shard >= 1 sample). S is round(F·N) >= 1 samples drawn
     from D independently of the shards: every participant also extracts S.
+    `out` may be an object store URL (s3://bucket/prefix): the plan is written there.
     """
+    from . import remote
+
+    if remote.is_remote(out):
+        r = remote.Remote(str(out))
+        r.pull_plan()
+        plan = split(dataset, r.mirror, participants, shared_fraction, seed, sizes, limit, force)
+        if not plan.get("unchanged"):
+            r.push_plan()
+        return plan
+    out = remote.local_path(out)
     seed = check_seed(seed)
     if limit is not None and not 1 <= limit <= 2**63 - 1:  # the merged store records it as an int64
         raise CooptError(f"--limit must be in [1, 2**63 - 1], got {limit}")
