@@ -368,14 +368,14 @@ def _consensus(peers: Peers, todo: list[str], dim: int, force: bool) -> tuple[to
         identity = _shared_identity(nm, "projected", dim, projection_seed(seed, nm), peers.describe(nm))
         if nm in todo:
             fs, ok, s_index, s_skipped = _features_on_s(peers.local[nm])
-            block = fs.double() @ projection(fs.shape[1], dim, identity["projection_seed"]).double()
+            block = _projected(fs, dim, identity["projection_seed"])
             blocks[nm] = (block, ok)
             mine[nm] = (identity, s_index, s_skipped, block)
         elif (got := peers.shared(nm, identity)) is not None:
             blocks[nm] = got
         elif nm in peers.local:  # one disk: its features are here
             fs, ok, _, _ = _features_on_s(peers.features(nm))
-            blocks[nm] = (fs.double() @ projection(fs.shape[1], dim, identity["projection_seed"]).double(), ok)
+            blocks[nm] = (_projected(fs, dim, identity["projection_seed"]), ok)
         else:
             missing.append(nm)
     states = {nm: _shared_state(peers.run, nm, m[0], force) for nm, m in mine.items()}
@@ -497,15 +497,21 @@ def _published(path: Path, identity: dict) -> str:
     return "skip"
 
 
+def _projected(fs: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """F(S) W in float64, published (and used) as float32: half the bytes of float64, and every
+    machine, whether it computed a block or read it, feeds the consensus the same bits."""
+    return (fs.double() @ projection(fs.shape[1], dim, seed).double()).float()
+
+
 def consensus_targets(blocks: dict[str, tuple[torch.Tensor, torch.Tensor]], dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """S* [|S|, dim] shared by every participant, and the rows of S all of them decoded.
 
-    blocks: each participant's projected features on S, F_k(S) W_k in float64 (the same W_k as
-    its fit), with its decoded rows. Each is centred and scaled to unit Frobenius norm, so each
-    weighs the same whatever its scale or dimension; S* = the top-dim principal directions of
-    their concatenation (U Σ), spread over all dim columns by a seeded Gaussian (seed: the plan's)
-    when S has fewer directions than dim, and scaled to unit RMS (float16 targets keep their
-    precision). Deterministic: any machine computes the same S* from the same blocks.
+    blocks: each participant's projected features on S, F_k(S) W_k (the same W_k as its fit;
+    float32, computed in float64), with its decoded rows. Each is centred and scaled to unit
+    Frobenius norm, so each weighs the same whatever its scale or dimension; S* = the top-dim
+    principal directions of their concatenation (U Σ), spread over all dim columns by a seeded
+    Gaussian (seed: the plan's) when S has fewer directions than dim, and scaled to unit RMS
+    (float16 targets keep their precision). Deterministic: any machine computes the same S* from the same blocks.
     """
     ok = None
     for _, dec in blocks.values():
@@ -514,7 +520,7 @@ def consensus_targets(blocks: dict[str, tuple[torch.Tensor, torch.Tensor]], dim:
         raise CooptError("fewer than 2 rows of S decoded by every participant; no consensus to fit")
     z = []
     for nm in sorted(blocks):
-        b = blocks[nm][0]
+        b = blocks[nm][0].double()
         b = b[ok] - b[ok].mean(0)
         z.append(b / b.norm().clamp_min(1e-30))
     u, sv, _ = torch.linalg.svd(torch.cat(z, 1), full_matrices=False)
@@ -564,7 +570,7 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
             if "sample/rows" not in f:  # what inspect compares, so it needs no features: W-only targets of a sample
                 rows = inspect_rows(srcs[name]["shard/features"].shape[0], ft["seed"])
                 before = torch.from_numpy(srcs[name]["shard/features"][rows].astype(np.float32)) @ ft["w"]
-                f.create_dataset("sample/projected", data=before.numpy())
+                f.create_dataset("sample/projected", data=before.half().numpy())  # float16, like the targets
                 f.create_dataset("sample/rows", data=rows)
             n_k = srcs[name]["shard/features"].shape[0]
             tgt = store.create_rows(f, "shard/targets", n_k, dim, codec.storage_dtype(td))

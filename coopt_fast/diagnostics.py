@@ -141,7 +141,7 @@ def inspect(run: str | Path, plot: bool = True, seed: int = 0, classifier: str =
         apath = layout.upload_path(run, nm)
         with store.open_complete(apath, "aligned targets") as fa:
             sel = _check_upload(fa, apath)
-            before[nm] = torch.from_numpy(fa["sample/projected"][:])
+            before[nm] = torch.from_numpy(fa["sample/projected"][:].astype(np.float32))
             td = str(store.plain(fa.attrs["target_dtype"]))
             scale = (torch.from_numpy(fa["shard/scale"][:][sel, 0]) if td == "int8" else
                      torch.from_numpy(fa["scale"][:]) if td == "int8-dim" else None)

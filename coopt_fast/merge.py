@@ -160,7 +160,7 @@ def _check_values(u: dict, plan: dict, ds, names: list[str]) -> None:
         rows = _dataset(where, f, "sample/rows", (None,), "int")
         if len(rows) and (rows.min() < 0 or rows.max() >= len(u["keep"]) or (np.diff(rows) <= 0).any()):
             raise CooptError(f"{where}: sample/rows must be ascending rows of shard/targets")
-        _dataset(where, f, "sample/projected", (len(rows), dim), "float32", finite=True)
+        _dataset(where, f, "sample/projected", (len(rows), dim), "float16", finite=True)
         s_idx = _dataset(where, f, "shared/index", (None,), "int")
         if not np.array_equal(s_idx, plan["shared"]):
             raise CooptError(f"{where}: shared/index is not the plan's shared set S")

@@ -4,7 +4,7 @@
                rows, the sha256 of the features it describes, uniformity and every score on S
                (coopt_fast.scores). `score` and `align --reference best` rank participants by it.
   shared.h5    written by align: `values` [|S|, n] = the participant's features on S projected to
-               the target dim, F(S) W (float64, kind "projected": what the consensus is computed
+               the target dim, F(S) W (float32, kind "projected": what the consensus is computed
                from), or, for a single reference, its stored targets on S, S* (float16, kind
                "s_star"); `index` and `skipped` say which rows of S it decoded.
 
@@ -138,5 +138,4 @@ def read_shared(run: str | Path, name: str, identity: dict) -> tuple[torch.Tenso
         if v.shape != (rows, dim) or not np.isfinite(v).all():
             raise CooptError(f"{path}: values must be finite with shape ({rows}, {dim}), got {v.shape}")
         ok = ~np.isin(f["index"][:], f["skipped"][:])
-        return torch.from_numpy(v.astype(np.float64 if identity["kind"] == "projected" else np.float32)), \
-            torch.from_numpy(ok)
+        return torch.from_numpy(v.astype(np.float32)), torch.from_numpy(ok)

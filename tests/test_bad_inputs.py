@@ -551,7 +551,7 @@ def _stage(big_run: Path, dst: Path, upto: str) -> Path:
 DISK_FULL = [
     pytest.param("extract", ("extract", "{run}", "--participant", "a", "--shard", 0, "--prior", "labels"),
                  "participants/a/features.h5.partial", id="extract"),
-    # align writes shared.h5 (float64 S x 128: 200 KB) before aligned.h5: either may hit the limit
+    # align writes shared.h5 (float32 S x 128: 100 KB) before aligned.h5: either may hit the limit
     pytest.param("align", ("align", "{run}", "--dim", 128), "participants/a/", id="align"),
     pytest.param("merge", ("merge", "{run}"), "merged.h5", id="merge"),
     pytest.param("train", ("train", "{run}", "--out", "{run}/student", "--epochs", 1, *TRAIN), "student.pt",
