@@ -27,6 +27,7 @@ import hashlib
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -219,9 +220,55 @@ def align(
     The summary's "warnings" (also printed by the CLI) name a reference of low effective rank
     and fits with fewer rows of S than feature dims (under-determined: the ridge decides).
     """
-    from .kernels import align_apply
-
     run = Path(run)
+    _check_options(dim, ridge, target_dtype, participant, workspace)
+    plan = load_plan(run)
+    everyone, local, todo = _who(run, participant, workspace)
+    check_reference(run, everyone, reference, score)
+    check_memory(plan, dim, len(everyone), len(todo))
+    peers = Peers(run, plan, everyone, local)
+    ref, todo = _checked_reference(peers, todo, reference, score)
+    t0 = time.perf_counter()
+    job = Job(run, plan, peers, ref, dim, ridge, target_dtype, force, progress)
+    s_star = ref_ok = None
+    to_publish = {}  # name -> shared.h5 contents, published once every fit has succeeded
+    if ref == CONSENSUS:
+        s_star, ref_ok, to_publish = _consensus(peers, todo, dim, force)
+    elif ref is not None and ref not in todo:
+        s_star, ref_ok = _reference_targets(peers, ref, dim)
+    warnings = reference_warnings(peers, ref, dim, None if s_star is None else s_star[ref_ok])
+    fits = {}
+    for name in todo:
+        fits[name] = _fit(job, name, s_star, ref_ok, warnings)
+        if name == ref:  # the reference's targets on S are S* for the others
+            s_star, ref_ok = fits[name]["shared"].float(), fits[name]["ok"]
+            to_publish[name] = fits[name]["s_star"]
+    written = _write(job, fits, to_publish)
+    rows = [
+        {"participant": nm, "prior": str(ft["meta"]["prior"]), "uniformity": float(ft["meta"]["uniformity"]),
+         "feature_dim": int(ft["meta"]["feature_dim"]), "residual": ft["residual"], "ridge": ft["ridge"],
+         "reference": nm == ref, "round": ft["meta"]["round"], "skipped": nm not in written} for nm, ft in fits.items()]
+    return {"reference": ref, "score": score if reference == "best" else None, "warnings": warnings,
+            "dim": dim, "target_dtype": target_dtype,
+            "bytes_per_row": codec.bytes_per_row(target_dtype, dim), "participants": rows,
+            "seconds": time.perf_counter() - t0}
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """What one align resolved before fitting, passed whole to its steps."""
+    run: Path
+    plan: dict
+    peers: Peers
+    ref: str | None             # a participant, CONSENSUS, or None (--reference none)
+    dim: int
+    ridge: float | None
+    target_dtype: str
+    force: bool
+    progress: bool
+
+
+def _check_options(dim: int, ridge: float | None, target_dtype: str, participant, workspace) -> None:
     codec.check(target_dtype)
     if not 1 <= dim <= MAX_DIM:
         raise CooptError(f"--dim must be in [1, {MAX_DIM}], got {dim}")
@@ -229,7 +276,22 @@ def align(
         raise CooptError(f"--ridge must be a finite number >= 0, got {ridge}")
     if workspace is not None and participant is None:
         raise CooptError("--workspace is one participant's: give --participant NAME with it")
-    plan = load_plan(run)
+
+
+def _checked_reference(peers: Peers, todo: list[str], reference: str, score: str) -> tuple[str | None, list[str]]:
+    """Every file align reads checked before anything is computed or written; then the
+    reference, and the order to align in: the reference first, since its stored (float16)
+    targets on S are S* for everyone (local and all-participants mode then give the same bits)."""
+    for nm in todo:
+        peers.features(nm, shard=True)
+    for nm in peers.names if reference in (CONSENSUS, "best") else sorted({reference} - {"none"}):
+        peers.describe(nm)
+    ref = choose_reference(peers, reference, score)
+    return ref, ([ref] + [p for p in todo if p != ref]) if ref in todo else todo
+
+
+def _who(run: Path, participant: str | None, workspace) -> tuple[list[str], dict[str, Path], list[str]]:
+    """(every participant, the features this process can read, the participants it aligns)."""
     everyone = layout.participants(run)
     local = {nm: layout.features_path(run, nm) for nm in everyone}
     if participant is not None:
@@ -246,66 +308,56 @@ def align(
     if away:
         raise CooptError(f"{run}: the features of {', '.join(away)} are not in this run folder (their workspaces are "
                          f"elsewhere): each participant aligns itself, align --participant NAME --workspace DIR")
-    check_reference(run, everyone, reference, score)
-    check_memory(plan, dim, len(everyone), len(todo))
-    # Everything read is checked before anything is computed or written.
-    peers = Peers(run, plan, everyone, local)
-    for nm in todo:
-        peers.features(nm, shard=True)
-    for nm in everyone if reference in (CONSENSUS, "best") else sorted({reference} - {"none"}):
-        peers.describe(nm)
-    ref = choose_reference(peers, reference, score)
-    # The reference aligns first: its stored (float16) shared targets are S* for everyone, in
-    # local and in all-participants mode alike, so both modes give the same bits.
-    if ref in todo:
-        todo = [ref] + [p for p in todo if p != ref]
-    t0 = time.perf_counter()
-    s_star = ref_ok = None
-    to_publish = {}  # name -> shared.h5 contents, published once every fit has succeeded
-    if ref == CONSENSUS:
-        s_star, ref_ok, to_publish = _consensus(peers, todo, dim, force)
-    elif ref is not None and ref not in todo:
-        s_star, ref_ok = _reference_targets(peers, ref, dim)
-    warnings = reference_warnings(peers, ref, dim, None if s_star is None else s_star[ref_ok])
+    return everyone, local, todo
 
-    fits = {}
-    for name in todo:
-        fpath = peers.local[name]
-        fs, ok, s_index, s_skipped = _features_on_s(fpath)
-        with store.open_complete(fpath, "features") as f:
-            meta = {k: f.attrs[k] for k in ("prior", "uniformity", "feature_dim")}
-            meta["round"] = int(f.attrs.get("round", 0))
-        seed = projection_seed(plan["seed"], name)
-        w = projection(fs.shape[1], dim, seed)
-        if ref is None or name == ref:
-            m, lam = w, 0.0
-        else:
-            use = ok & ref_ok  # rows of S that both sides decoded
-            if int(use.sum()) < 2 and not ridge:
-                raise CooptError(f"{fpath}: S has {int(use.sum())} usable rows, too few for a fit without --ridge")
-            m, lam = fit_map(fs[use], w, s_star[use], ridge)
-            if int(use.sum()) < fs.shape[1]:
-                warnings.append(f"{name}: {int(use.sum())} usable rows of S for {fs.shape[1]} feature dims, "
-                                f"an under-determined fit (ridge {lam:.3g} applied; a larger S fits better)")
-        shared_t = align_apply([fs.half()], [m])[0][0]
-        if name == ref:
-            s_star, ref_ok = shared_t.float(), ok
-            to_publish[name] = (_shared_identity(name, "s_star", dim, seed, peers.describe(name)), s_index, s_skipped,
-                                shared_t)
-        # The reference (and --reference none) fits nothing: residual 0 by definition.
-        residual = 0.0 if ref is None or name == ref else float(
-            (fs[use] @ m - s_star[use]).norm() / s_star[use].norm().clamp_min(1e-30))
-        # What an aligned.h5 is made from: a partial resumes, and a published one is up to date, only if equal.
-        identity = {"participant": name, "reference": ref or "none", "dim": int(dim), "ridge": float(lam),
-                    "projection_seed": int(seed), "features_sha256": peers.digests[name], "target_dtype": target_dtype,
-                    "s_star": s_star_id(None if ref is None else s_star)}
-        fits[name] = dict(w=w, map=m, ridge=lam, seed=seed, shared=shared_t, residual=residual, meta=meta,
-                          identity=identity, features=fpath)
 
-    # Decided for everyone before anything is written: one refusal leaves every file as it was.
-    state = {nm: "write" if force else _published(layout.upload_path(run, nm), ft["identity"])
+def _fit(job: Job, name: str, s_star, ref_ok, warnings: list[str]) -> dict:
+    """NAME's projection W, map W T (fitted to S* unless it is the reference or there is none),
+    its targets on S and residual, and the identity of the aligned.h5 they make."""
+    from .kernels import align_apply
+
+    fpath, ref, dim, ridge = job.peers.local[name], job.ref, job.dim, job.ridge
+    fs, ok, s_index, s_skipped = _features_on_s(fpath)
+    with store.open_complete(fpath, "features") as f:
+        meta = {k: f.attrs[k] for k in ("prior", "uniformity", "feature_dim")}
+        meta["round"] = int(f.attrs.get("round", 0))
+    seed = projection_seed(job.plan["seed"], name)
+    w = projection(fs.shape[1], dim, seed)
+    if ref is None or name == ref:
+        m, lam = w, 0.0
+    else:
+        use = ok & ref_ok  # rows of S that both sides decoded
+        if int(use.sum()) < 2 and not ridge:
+            raise CooptError(f"{fpath}: S has {int(use.sum())} usable rows, too few for a fit without --ridge")
+        m, lam = fit_map(fs[use], w, s_star[use], ridge)
+        if int(use.sum()) < fs.shape[1]:
+            warnings.append(f"{name}: {int(use.sum())} usable rows of S for {fs.shape[1]} feature dims, "
+                            f"an under-determined fit (ridge {lam:.3g} applied; a larger S fits better)")
+    shared_t = align_apply([fs.half()], [m])[0][0]
+    if name == ref:
+        s_star = shared_t.float()
+    # The reference (and --reference none) fits nothing: residual 0 by definition.
+    residual = 0.0 if ref is None or name == ref else float(
+        (fs[use] @ m - s_star[use]).norm() / s_star[use].norm().clamp_min(1e-30))
+    # What an aligned.h5 is made from: a partial resumes, and a published one is up to date, only if equal.
+    identity = {"participant": name, "reference": ref or "none", "dim": int(dim), "ridge": float(lam),
+                "projection_seed": int(seed), "features_sha256": job.peers.digests[name],
+                "target_dtype": job.target_dtype, "s_star": s_star_id(None if ref is None else s_star)}
+    return dict(w=w, map=m, ridge=lam, seed=seed, shared=shared_t, ok=ok, residual=residual, meta=meta,
+                identity=identity, features=fpath,
+                s_star=(_shared_identity(name, "s_star", dim, seed, job.peers.describe(name)), s_index, s_skipped,
+                        shared_t) if name == ref else None)
+
+
+def _write(job: Job, fits: dict, to_publish: dict) -> set[str]:
+    """Decide for everyone before writing anything (one refusal leaves every file as it was), then
+    publish the shared.h5 files and the aligned.h5 uploads that are new; the names written."""
+    from .kernels import align_apply
+
+    run = job.run
+    state = {nm: "write" if job.force else _published(layout.upload_path(run, nm), ft["identity"])
              for nm, ft in fits.items()}
-    s_state = {nm: _shared_state(run, nm, m[0], force) for nm, m in to_publish.items()}
+    s_state = {nm: _shared_state(run, nm, m[0], job.force) for nm, m in to_publish.items()}
     for nm, st in s_state.items():
         if st == "write":
             publish.write_shared(run, nm, *to_publish[nm])
@@ -315,20 +367,11 @@ def align(
             for nm in write:
                 locks.enter_context(store.Lock(layout.upload_path(run, nm)))
             with disk_guard(run / "participants"):
-                _apply_all(run, write, ref, dim, target_dtype, progress, align_apply)
+                _apply_all(run, write, job.ref, job.dim, job.target_dtype, job.progress, align_apply)
     for nm in fits:
         if state[nm] in ("write", "unrecorded"):
             store.write_manifest(layout.participant_dir(run, nm), layout.UPLOAD)
-    rows = [
-        {"participant": nm, "prior": str(ft["meta"]["prior"]), "uniformity": float(ft["meta"]["uniformity"]),
-         "feature_dim": int(ft["meta"]["feature_dim"]), "residual": ft["residual"], "ridge": ft["ridge"],
-         "reference": nm == ref, "round": ft["meta"]["round"], "skipped": nm not in write}
-        for nm, ft in fits.items()
-    ]
-    return {"reference": ref, "score": score if reference == "best" else None, "warnings": warnings,
-            "dim": dim, "target_dtype": target_dtype,
-            "bytes_per_row": codec.bytes_per_row(target_dtype, dim), "participants": rows,
-            "seconds": time.perf_counter() - t0}
+    return set(write)
 
 
 def _shared_identity(name: str, kind: str, dim: int, seed: int, described: dict) -> dict:
@@ -554,87 +597,26 @@ def _reference_targets(peers: Peers, ref: str, dim: int) -> tuple[torch.Tensor, 
 
 
 def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, align_apply) -> None:
-    """Apply every participant's map to its shard: one grouped launch per block of rows."""
+    """Apply every participant's map to its shard (one grouped launch per block of rows):
+    open each upload's partial, apply block by block, publish each."""
     srcs, outs = {}, {}
     try:
         for name, ft in fits.items():
             srcs[name] = store.open_complete(ft["features"], "features")
             path = layout.upload_path(run, name)
-            f, _ = store.open_partial(path, ft["identity"])
-            for key in ("shard/index", "shared/index", "shard/skipped", "shared/skipped"):
-                if key not in f:
-                    f.create_dataset(key, data=srcs[name][key][:])
-            for key, val in (("projection", ft["w"]), ("map", ft["map"]), ("shared/targets", ft["shared"])):
-                if key not in f:
-                    f.create_dataset(key, data=val.numpy())
-            if "sample/rows" not in f:  # what inspect compares, so it needs no features: W-only targets of a sample
-                rows = inspect_rows(srcs[name]["shard/features"].shape[0], ft["seed"])
-                before = torch.from_numpy(srcs[name]["shard/features"][rows].astype(np.float32)) @ ft["w"]
-                f.create_dataset("sample/projected", data=before.half().numpy())  # float16, like the targets
-                f.create_dataset("sample/rows", data=rows)
-            n_k = srcs[name]["shard/features"].shape[0]
-            tgt = store.create_rows(f, "shard/targets", n_k, dim, codec.storage_dtype(td))
-            if td == "int8":
-                store.create_rows(f, "shard/scale", n_k, 1, np.float32)
-            if td == "int8-dim" and "scale" not in f:
-                f.create_dataset("scale", data=codec.dim_scale(ft["shared"]).numpy())
-            if "stats/running" not in f:
-                f.create_dataset("stats/running", data=np.zeros(2 * dim + 2))
-            _resume_stats(f, tgt)
-            f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"], "s_star": ft["identity"]["s_star"],
-                            "uniformity": ft["meta"]["uniformity"], "round": ft["meta"]["round"]})
-            outs[name] = (f, tgt, path)
+            outs[name] = (*_open_upload(path, srcs[name], ft, dim, td), path)
         total = sum(srcs[nm]["shard/features"].shape[0] for nm in fits)
         with bar("align", total, progress, unit="rows") as advance:
             advance(sum(store.rows_done(t) for _, t, _ in outs.values()))
-            while True:
-                live = [nm for nm, (_, t, _) in outs.items() if store.rows_done(t) < t.shape[0]]
-                if not live:
-                    break
-                xs, maps = [], []
-                for nm in live:
-                    s = store.rows_done(outs[nm][1])
-                    xs.append(torch.from_numpy(srcs[nm]["shard/features"][s : s + APPLY_BLOCK_ROWS]))  # finite: check_features
-                    maps.append(fits[nm]["map"])
-                ys, sums, sumsqs = align_apply(xs, maps, out_dtype=codec.kernel_dtype(td))
+            while live := [nm for nm, (_, t, _) in outs.items() if store.rows_done(t) < t.shape[0]]:
+                at = {nm: store.rows_done(outs[nm][1]) for nm in live}  # finite rows: check_features read them
+                xs = [torch.from_numpy(srcs[nm]["shard/features"][at[nm] : at[nm] + APPLY_BLOCK_ROWS]) for nm in live]
+                ys, sums, sumsqs = align_apply(xs, [fits[nm]["map"] for nm in live], out_dtype=codec.kernel_dtype(td))
                 for g, nm in enumerate(live):
-                    f, tgt, _ = outs[nm]
-                    start = store.rows_done(tgt)
-                    scale = torch.from_numpy(f["scale"][:]) if td == "int8-dim" else None
-                    stored, row_scale = codec.encode(ys[g], td, scale)
-                    if td.startswith("int8"):  # stats of what the loader will decode, not of fp32
-                        dec = codec.decode(torch.from_numpy(stored), td, torch.from_numpy(row_scale) if
-                                           row_scale is not None else scale).double()
-                        sums[g], sumsqs[g] = dec.sum(0), dec.square().sum(0)
-                    # Order matters for resume: rows flushed, then the running statistics (sums,
-                    # sums of squares, the row count they cover, clipped values) in ONE dataset
-                    # write, then rows_done. A crash between the last two is repaired in
-                    # _resume_stats by trusting the statistics' row count, whose rows are on disk.
-                    tgt[start : start + len(stored)] = stored
-                    if row_scale is not None:
-                        f["shard/scale"][start : start + len(stored), 0] = row_scale
-                    f.flush()
-                    run_stats = f["stats/running"][:]
-                    run_stats[:dim] += sums[g].numpy()
-                    run_stats[dim : 2 * dim] += sumsqs[g].numpy()
-                    run_stats[-2] = start + len(stored)
-                    run_stats[-1] += codec.clipped(ys[g], scale) if scale is not None else 0
-                    f["stats/running"][...] = run_stats
-                    f.flush()
-                    store.set_rows_done(tgt, start + len(ys[g]))
-                    f.flush()
+                    _store_block(outs[nm][0], outs[nm][1], ys[g], sums[g], sumsqs[g], td, dim)
                     advance(len(ys[g]))
         for f, _, path in outs.values():
-            run_stats = f["stats/running"][:]
-            for key, val in (("stats/sum", run_stats[:dim]), ("stats/sumsq", run_stats[dim : 2 * dim])):
-                if key in f:  # left by a run interrupted while publishing
-                    del f[key]
-                f.create_dataset(key, data=val)
-            del f["stats/running"]
-            f.attrs["reference"] = ref or "none"
-            if td == "int8-dim":
-                f.attrs["clipped"] = int(run_stats[-1])
-            store.publish(f, path)
+            _publish_upload(f, path, ref, td, dim)
         outs.clear()
     except CooptError as e:  # bad input (not a full disk): keep no partial output
         for f, _, path in outs.values():
@@ -648,6 +630,77 @@ def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, al
             store.abandon(f)
         for s in srcs.values():
             s.close()
+
+
+def _open_upload(path: Path, src, ft: dict, dim: int, td: str):
+    """(open partial aligned.h5, its shard/targets dataset): everything but the shard's targets
+    written (indices, W, map, S targets, inspect's sample), resumed where a crash left it."""
+    f, _ = store.open_partial(path, ft["identity"])
+    for key in ("shard/index", "shared/index", "shard/skipped", "shared/skipped"):
+        if key not in f:
+            f.create_dataset(key, data=src[key][:])
+    for key, val in (("projection", ft["w"]), ("map", ft["map"]), ("shared/targets", ft["shared"])):
+        if key not in f:
+            f.create_dataset(key, data=val.numpy())
+    if "sample/rows" not in f:  # what inspect compares, so it needs no features: W-only targets of a sample
+        rows = inspect_rows(src["shard/features"].shape[0], ft["seed"])
+        before = torch.from_numpy(src["shard/features"][rows].astype(np.float32)) @ ft["w"]
+        f.create_dataset("sample/projected", data=before.half().numpy())  # float16, like the targets
+        f.create_dataset("sample/rows", data=rows)
+    n_k = src["shard/features"].shape[0]
+    tgt = store.create_rows(f, "shard/targets", n_k, dim, codec.storage_dtype(td))
+    if td == "int8":
+        store.create_rows(f, "shard/scale", n_k, 1, np.float32)
+    if td == "int8-dim" and "scale" not in f:
+        f.create_dataset("scale", data=codec.dim_scale(ft["shared"]).numpy())
+    if "stats/running" not in f:
+        f.create_dataset("stats/running", data=np.zeros(2 * dim + 2))
+    _resume_stats(f, tgt)
+    f.attrs.update({"residual": ft["residual"], "prior": ft["meta"]["prior"], "s_star": ft["identity"]["s_star"],
+                    "uniformity": ft["meta"]["uniformity"], "round": ft["meta"]["round"]})
+    return f, tgt
+
+
+def _store_block(f, tgt, y: torch.Tensor, s: torch.Tensor, ss: torch.Tensor, td: str, dim: int) -> None:
+    """Append one block of targets y (with the kernel's column sums s and sums of squares ss) at
+    rows_done, and the running statistics, in the order a resume relies on."""
+    start = store.rows_done(tgt)
+    scale = torch.from_numpy(f["scale"][:]) if td == "int8-dim" else None
+    stored, row_scale = codec.encode(y, td, scale)
+    if td.startswith("int8"):  # the statistics of what the loader will decode, not of the fp32 values
+        dec = codec.decode(torch.from_numpy(stored), td, torch.from_numpy(row_scale) if
+                           row_scale is not None else scale).double()
+        s, ss = dec.sum(0), dec.square().sum(0)
+    # Rows flushed, then the running statistics (sums, sums of squares, the row count they cover,
+    # clipped values) in ONE dataset write, then rows_done: a crash between the last two is
+    # repaired by _resume_stats, trusting the statistics' row count, whose rows are on disk.
+    tgt[start : start + len(stored)] = stored
+    if row_scale is not None:
+        f["shard/scale"][start : start + len(stored), 0] = row_scale
+    f.flush()
+    run_stats = f["stats/running"][:]
+    run_stats[:dim] += s.numpy()
+    run_stats[dim : 2 * dim] += ss.numpy()
+    run_stats[-2] = start + len(stored)
+    run_stats[-1] += codec.clipped(y, scale) if scale is not None else 0
+    f["stats/running"][...] = run_stats
+    f.flush()
+    store.set_rows_done(tgt, start + len(y))
+    f.flush()
+
+
+def _publish_upload(f, path: Path, ref, td: str, dim: int) -> None:
+    """The running statistics become stats/sum and stats/sumsq; then complete and renamed."""
+    run_stats = f["stats/running"][:]
+    for key, val in (("stats/sum", run_stats[:dim]), ("stats/sumsq", run_stats[dim : 2 * dim])):
+        if key in f:  # left by a run interrupted while publishing
+            del f[key]
+        f.create_dataset(key, data=val)
+    del f["stats/running"]
+    f.attrs["reference"] = ref or "none"
+    if td == "int8-dim":
+        f.attrs["clipped"] = int(run_stats[-1])
+    store.publish(f, path)
 
 
 def _resume_stats(f, tgt) -> None:

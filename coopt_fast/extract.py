@@ -39,9 +39,9 @@ import contextlib
 import json
 import os
 import queue
-import re
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -150,6 +150,60 @@ def extract(
 ) -> dict:
     """Compute features of shard `shard` and of S with prior `prior`; write features.h5 in the
     participant's workspace (default RUN/participants/NAME) and publish its record.json."""
+    _check_options(batch_size, round, workers, on_bad_image, seed)
+    job = _resolve(Path(run), participant, shard, prior, round, seed, workspace,
+                   Options(batch_size, device, decoder, compile, on_bad_image, workers, progress))
+    out = job.out
+    created = [d for d in (out.parent.parent, out.parent) if not d.exists()]
+    try:
+        s = _locked(job)
+    except CooptError as e:
+        if not isinstance(e, DiskFullError):  # bad input: leave the run folder as it was
+            for d in reversed(created):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+        raise
+    if job.rank == 0:
+        _publish_record(job.run, participant, out)
+    return s
+
+
+@dataclass(frozen=True)
+class Options:
+    """How to compute (none of it changes the values): extract's keyword options as given."""
+    batch_size: int
+    device: str
+    decoder: str
+    compile: bool
+    on_bad_image: str
+    workers: int | None
+    progress: bool
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """What one extract resolved before any work, passed whole down the call chain."""
+    run: Path
+    participant: str
+    out: Path                   # the features.h5 to publish
+    part: Path                  # this rank's file: out itself in one process, features.rankR.h5 under torchrun
+    identity: dict              # what must match for a partial's rows to be reused
+    plan: dict
+    rows: dict                  # group ("shared", "shard") -> sample ids, plan order
+    prior: Prior
+    ds: object                  # coopt_fast.data.Dataset
+    device: torch.device
+    decoder: str                # resolved: "dali", "torchvision" or "none" (labels prior)
+    batch_size: int
+    compile: bool
+    on_bad_image: str
+    workers: int
+    rank: int
+    world: int
+    progress: bool
+
+
+def _check_options(batch_size: int, round: int, workers: int | None, on_bad_image: str, seed: int) -> None:
     if not 1 <= batch_size <= MAX_BATCH:
         raise CooptError(f"--batch-size must be in [1, {MAX_BATCH}], got {batch_size}")
     if round < 0:
@@ -161,7 +215,13 @@ def extract(
     if on_bad_image not in ("fail", "skip"):
         raise CooptError(f"--on-bad-image {on_bad_image!r}: use fail or skip")
     check_seed(seed)
-    dev = resolve_device(device)
+
+
+def _resolve(run: Path, participant: str, shard: int, prior: str, round: int, seed: int, workspace,
+             o: Options) -> Job:
+    """The plan, prior, data set, device and decoder of an extract, checked in the order their
+    faults are named (the inputs' own, then the shard's holder)."""
+    dev = resolve_device(o.device)
     out = layout.features_path(run, participant, workspace)
     if participant in RESERVED_NAMES:
         raise CooptError(f"participant name {participant!r}: reserved (align --reference {participant} has its own meaning)")
@@ -173,36 +233,26 @@ def extract(
     if prior.partition(":")[0] == "labels" and ds.labels is None:
         raise CooptError(f"{plan['dataset']}: the labels prior needs labels, and this data set has none")
     p = load_prior(prior, seed=seed, num_classes=len(ds.classes) or None)
-    holder = shard_holder(run, shard, participant)  # after the inputs' own checks: their faults are named first
+    holder = shard_holder(run, shard, participant)
     if holder is not None:
         raise CooptError(f"--shard {shard}: taken by participant {holder.parent.name!r} ({holder}); one participant "
                          f"per shard: pick another shard, or remove that participant's folder")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    dec = "none" if p.model is None else choose_decoder(decoder, ds, dev, p.input_size)
-    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-
+    dec = "none" if p.model is None else choose_decoder(o.decoder, ds, dev, p.input_size)
     # What must match for old rows to be reused (batch size, threads, decoder workers need not).
     identity = {
         "participant": participant, "shard": int(shard), "prior": prior, "seed": int(seed), "round": int(round),
         "checkpoint_sha256": p.checkpoint_sha256 or "", "dataset_sha256": plan["fingerprint"]["sha256"],
-        "decoder": dec, "compile": bool(compile), "on_bad_image": on_bad_image,
+        "decoder": dec, "compile": bool(o.compile), "on_bad_image": o.on_bad_image,
     }
-    rank_part = out.with_name(f"features.rank{rank}.h5") if world > 1 else out
-    created = [d for d in (out.parent.parent, out.parent) if not d.exists()]
-    try:
-        s = _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image,
-                    workers, participant, rank, world, progress, Path(run))
-    except CooptError as e:
-        if not isinstance(e, DiskFullError):  # bad input: leave the run folder as it was
-            for d in reversed(created):
-                with contextlib.suppress(OSError):
-                    d.rmdir()
-        raise
-    if rank == 0:
-        _publish_record(Path(run), participant, out)
-    return s
+    return Job(run=run, participant=participant, out=out,
+               part=out.with_name(f"features.rank{rank}.h5") if world > 1 else out, identity=identity, plan=plan,
+               rows={"shared": np.asarray(plan["shared"], dtype=np.int64), "shard": idx}, prior=p, ds=ds, device=dev,
+               decoder=dec, batch_size=o.batch_size, compile=o.compile, on_bad_image=o.on_bad_image,
+               workers=o.workers if o.workers is not None else min(4, os.cpu_count() or 1), rank=rank, world=world,
+               progress=o.progress)
 
 
 def _publish_record(run: Path, name: str, features: Path) -> None:
@@ -253,10 +303,11 @@ def shard_of(path: Path) -> int | None:
         return None
 
 
-def _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image, workers,
-            participant, rank, world, progress, run) -> dict:
-    with store.Lock(rank_part):  # one writer per file; a kill -9'd writer's lock is stale
-        archived = _retire_older_round(out, identity["round"], rank, world, layout.participant_dir(run, participant))
+def _locked(job: Job) -> dict:
+    out, identity = job.out, job.identity
+    with store.Lock(job.part):  # one writer per file; a kill -9'd writer's lock is stale
+        archived = _retire_older_round(out, identity["round"], job.rank, job.world,
+                                       layout.participant_dir(job.run, job.participant))
         summary = None
         if out.exists():
             with store.open_complete(out, "features") as f:
@@ -268,8 +319,7 @@ def _locked(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, co
                 return summary
             raise CooptError(f"{out}: exists from another extraction of round {identity['round']} (prior/shard/seed/"
                              f"decoder differ); remove it, or extract with a higher --round to archive it")
-        resumed = _run(out, rank_part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image,
-                       workers, participant, rank, world, progress)
+        resumed = _run(job)
     with store.open_complete(out, "features") as f:
         return _summary(out, f, resumed=resumed, skipped=False, archived=archived)
 
@@ -329,47 +379,41 @@ def archive_round(folder: Path, old: int) -> Path:
     return dest
 
 
-def _run(out, part, identity, plan, idx, p, ds, dev, dec, batch_size, compile, on_bad_image, workers, participant,
-         rank, world, progress) -> bool:
+def _run(job: Job) -> bool:
+    """Fill this rank's part, then publish features.h5 (one process: the part is it; torchrun:
+    rank 0 stitches every rank's part). Returns whether a partial was resumed."""
     t0 = time.perf_counter()
-    rows = {"shared": np.asarray(plan["shared"], dtype=np.int64), "shard": idx}
-    mine = {g: np.array_split(r, world)[rank] for g, r in rows.items()}
-    if world > 1:
+    mine = {g: np.array_split(r, job.world)[job.rank] for g, r in job.rows.items()}
+    if job.world > 1:
         import torch.distributed as dist
 
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    runner = None if p.model is None else ModelRunner(p, dev, compile, batch_size)
-    resumed = _extract_part(part, identity, mine, p, ds, runner, dec, batch_size, dev, on_bad_image, workers,
-                            f"{participant}" + (f"[{rank}]" if world > 1 else ""), progress)
-    if world > 1:
+        dist.init_process_group("nccl" if job.device.type == "cuda" else "gloo")
+    p = job.prior
+    runner = None if p.model is None else ModelRunner(p, job.device, job.compile, job.batch_size)
+    resumed = _extract_part(job, mine, runner)
+    out = job.out
+    if job.world > 1:
         dist.barrier()
-        if rank == 0:
+        if job.rank == 0:
             with store.Lock(out):
-                _stitch(out, [out.with_name(f"features.rank{r}.h5") for r in range(world)], identity, rows, runner, t0, p)
+                _stitch(job, [out.with_name(f"features.rank{r}.h5") for r in range(job.world)], runner, t0)
         dist.barrier()
         dist.destroy_process_group()
     else:
         f = h5py.File(store.partial_path(out), "a")  # reopened without SWMR: attributes are writable again
-        _finish(f, p, runner, t0, dec)
+        _finish(f, p, runner, t0, job.decoder)
         store.publish(f, out)
-    if rank == 0:
+    if job.rank == 0:
         store.write_manifest(out.parent, out.name)
     return resumed
 
 
-def _extract_part(path, identity, rows, p, ds, runner, dec, bs, dev, on_bad, workers, label, progress) -> bool:
-    """Fill path.partial with features of `rows` (per group); leaves it unpublished."""
-    f, resumed = store.open_partial(path, identity)
+def _extract_part(job: Job, rows: dict, runner: ModelRunner | None) -> bool:
+    """Fill job.part's .partial with features of `rows` (per group); leaves it unpublished."""
+    f, resumed = store.open_partial(job.part, job.identity)
+    label = job.participant + (f"[{job.rank}]" if job.world > 1 else "")
     try:
-        outs = {}
-        for group in GROUPS:  # every object first: SWMR allows writing data, not creating objects
-            if f"{group}/index" not in f:  # each object checked on its own: a crash may fall between
-                f.create_dataset(f"{group}/index", data=rows[group])
-            if f"{group}/skipped" not in f:
-                f.create_dataset(f"{group}/skipped", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
-            outs[group] = store.create_rows(f, f"{group}/features", len(rows[group]), p.dim)
-            store.start_session(outs[group])
-        f.flush()
+        outs = _open_groups(f, rows, job.prior.dim)
         f.swmr_mode = True  # from here on `coopt-fast status` can read progress while we write
         for group in GROUPS:
             r, out = rows[group], outs[group]
@@ -378,38 +422,59 @@ def _extract_part(path, identity, rows, p, ds, runner, dec, bs, dev, on_bad, wor
                 continue
             writer = Writer(out, f[f"{group}/skipped"])
             try:
-                with bar(f"{label} {group}", len(r), progress) as advance:
+                with bar(f"{label} {group}", len(r), job.progress) as advance:
                     advance(start)
-                    if runner is None:  # labels prior: one-hot, no images to decode
-                        for b in range(start, len(r), bs):
-                            block = np.zeros((len(r[b : b + bs]), p.dim), dtype=np.float16)
-                            block[np.arange(len(block)), ds.labels[r[b : b + bs]]] = 1
-                            writer.put(block, np.empty(0, np.int64))
-                            advance(len(block))
-                    else:
-                        for batch in batches(ds, r[start:], p.input_size, p.mean, p.std, bs, dev, dec, on_bad, workers):
-                            with np.errstate(over="ignore"):  # an overflow is refused below, not warned about
-                                y = runner(batch.x).numpy().astype(np.float16)
-                            y[batch.bad] = 0
-                            if not np.isfinite(y).all():  # float16 overflows past 65504: never publish inf
-                                row = r[start + batch.start + int(np.argwhere(~np.isfinite(y))[0, 0])]
-                                raise CooptError(f"{p.checkpoint or p.spec}: prior {p.arch} gives NaN or Inf features "
-                                                 f"(float16 holds |x| <= 65504), first at sample {row}")
-                            bad = r[start + batch.start + np.asarray(batch.bad, dtype=np.int64)]
-                            writer.put(y, bad)
-                            advance(len(y))
+                    for block, bad in _blocks(job, r, start, runner):
+                        writer.put(block, bad)
+                        advance(len(block))
             finally:
                 writer.close()
         f.close()
     except CooptError as e:
         store.abandon(f)
         if not isinstance(e, DiskFullError):  # a bad image: no rerun will get past it, keep nothing
-            store.partial_path(path).unlink(missing_ok=True)
+            store.partial_path(job.part).unlink(missing_ok=True)
         raise
     except BaseException:
         store.abandon(f)
         raise
     return resumed
+
+
+def _open_groups(f: h5py.File, rows: dict, dim: int) -> dict:
+    """Every dataset of a features file, created or reopened (SWMR allows writing data, not
+    creating objects, so all of them exist before it is turned on); group -> features dataset."""
+    outs = {}
+    for group in GROUPS:
+        if f"{group}/index" not in f:  # each object checked on its own: a crash may fall between
+            f.create_dataset(f"{group}/index", data=rows[group])
+        if f"{group}/skipped" not in f:
+            f.create_dataset(f"{group}/skipped", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
+        outs[group] = store.create_rows(f, f"{group}/features", len(rows[group]), dim)
+        store.start_session(outs[group])
+    f.flush()
+    return outs
+
+
+def _blocks(job: Job, r: np.ndarray, start: int, runner: ModelRunner | None):
+    """(float16 features, ids of images that failed to decode) of rows r[start:], batch by batch."""
+    p, bs = job.prior, job.batch_size
+    if runner is None:  # labels prior: one-hot, no images to decode
+        for b in range(start, len(r), bs):
+            block = np.zeros((len(r[b : b + bs]), p.dim), dtype=np.float16)
+            block[np.arange(len(block)), job.ds.labels[r[b : b + bs]]] = 1
+            yield block, np.empty(0, np.int64)
+        return
+    for batch in batches(job.ds, r[start:], p.input_size, p.mean, p.std, bs, job.device, job.decoder,
+                         job.on_bad_image, job.workers):
+        with np.errstate(over="ignore"):  # an overflow is refused below, not warned about
+            y = runner(batch.x).numpy().astype(np.float16)
+        y[batch.bad] = 0
+        if not np.isfinite(y).all():  # float16 overflows past 65504: never publish inf
+            row = r[start + batch.start + int(np.argwhere(~np.isfinite(y))[0, 0])]
+            raise CooptError(f"{p.checkpoint or p.spec}: prior {p.arch} gives NaN or Inf features "
+                             f"(float16 holds |x| <= 65504), first at sample {row}")
+        yield y, r[start + batch.start + np.asarray(batch.bad, dtype=np.int64)]
 
 
 def _finish(f: h5py.File, p: Prior, runner: ModelRunner | None, t0: float, dec: str) -> None:
@@ -427,8 +492,9 @@ def _finish(f: h5py.File, p: Prior, runner: ModelRunner | None, t0: float, dec: 
     })
 
 
-def _stitch(out: Path, parts: list[Path], identity: dict, rows: dict, runner, t0: float, p: Prior) -> None:
+def _stitch(job: Job, parts: list[Path], runner, t0: float) -> None:
     """Rank 0: concatenate the ranks' partial files, in rank (= plan) order, into features.h5."""
+    out, identity, rows, p = job.out, job.identity, job.rows, job.prior
     f, _ = store.open_partial(out, identity)
     try:
         srcs = [h5py.File(store.partial_path(q), "r") for q in parts]
