@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -184,30 +185,36 @@ def _check_values(u: dict, plan: dict, ds, names: list[str]) -> None:
             scale = u["scale"] = None
         u["sum"] = _dataset(where, f, "stats/sum", (dim,), "float64", finite=True)
         u["sumsq"] = _dataset(where, f, "stats/sumsq", (dim,), "float64", finite=True)
-        s, ss, l1 = np.zeros(dim), np.zeros(dim), np.zeros(dim)
-        tg = f["shard/targets"]
-        step = max(1, CHECK_BLOCK_VALUES // dim)
-        for b in range(0, n_k, step):
-            sc = None if scale is None else torch.from_numpy(scale[b : b + step] if td == "int8" else scale)
-            y = codec.decode(torch.from_numpy(tg[b : b + step]), td, sc).numpy()  # float32, as the loader decodes
-            keep = u["keep"][b : b + step]
-            if not keep.all() and y[~keep].any():
-                raise CooptError(f"{where}: shard/targets of rows listed in shard/skipped are not zero "
-                                 f"(extract writes zero features there, which align maps to zero targets)")
-            sq = np.square(y).sum(0, dtype=np.float64)  # fp16/bf16 values square exactly in fp32
-            # A NaN or Inf makes its column's sum of squares non-finite; finite float32 squares
-            # cannot overflow float64, so this is the finiteness check, without another pass.
-            if not np.isfinite(sq).all():
-                raise CooptError(f"{where}: shard/targets has NaN or Inf values")
-            ss += sq
-            s += y.sum(0, dtype=np.float64)
-            l1 += np.abs(y).sum(0, dtype=np.float64)
-        for key, got, mass in (("stats/sum", s, l1), ("stats/sumsq", ss, ss)):
-            off = np.abs(u[key.replace("stats/", "")] - got) > STATS_RTOL * mass
-            if off.any():
-                j = int(np.argmax(off))
-                raise CooptError(f"{where}: {key} does not match shard/targets (dimension {j}: recorded "
-                                 f"{u[key.replace('stats/', '')][j]:.6g}, the targets give {got[j]:.6g})")
+        _check_targets(u, f["shard/targets"], scale)
+
+
+def _check_targets(u: dict, tg, scale) -> None:
+    """One pass over an upload's targets, decoded as the loader decodes them: finite, zero on
+    skipped rows, and column sums (of squares) equal to its stats/sum (stats/sumsq)."""
+    where, dim, td = u["where"], u["dim"], u["target_dtype"]
+    s, ss, l1 = np.zeros(dim), np.zeros(dim), np.zeros(dim)
+    step = max(1, CHECK_BLOCK_VALUES // dim)
+    for b in range(0, len(u["keep"]), step):
+        sc = None if scale is None else torch.from_numpy(scale[b : b + step] if td == "int8" else scale)
+        y = codec.decode(torch.from_numpy(tg[b : b + step]), td, sc).numpy()  # float32, as the loader decodes
+        keep = u["keep"][b : b + step]
+        if not keep.all() and y[~keep].any():
+            raise CooptError(f"{where}: shard/targets of rows listed in shard/skipped are not zero "
+                             f"(extract writes zero features there, which align maps to zero targets)")
+        sq = np.square(y).sum(0, dtype=np.float64)  # fp16/bf16 values square exactly in fp32
+        # A NaN or Inf makes its column's sum of squares non-finite; finite float32 squares
+        # cannot overflow float64, so this is the finiteness check, without another pass.
+        if not np.isfinite(sq).all():
+            raise CooptError(f"{where}: shard/targets has NaN or Inf values")
+        ss += sq
+        s += y.sum(0, dtype=np.float64)
+        l1 += np.abs(y).sum(0, dtype=np.float64)
+    for key, got, mass in (("stats/sum", s, l1), ("stats/sumsq", ss, ss)):
+        off = np.abs(u[key.replace("stats/", "")] - got) > STATS_RTOL * mass
+        if off.any():
+            j = int(np.argmax(off))
+            raise CooptError(f"{where}: {key} does not match shard/targets (dimension {j}: recorded "
+                             f"{u[key.replace('stats/', '')][j]:.6g}, the targets give {got[j]:.6g})")
 
 
 def _changes(out: Path, inputs: dict, plan: dict) -> str:
@@ -240,21 +247,45 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True, f
     run = Path(run)
     t0 = time.perf_counter()
     plan = load_plan(run)
-    everyone = layout.participants(run)  # the reference may be one whose upload is missing
+    ups, missing = _agreeing_uploads(run, plan, allow_missing)
+    ds = plan_dataset(plan)
+    for u in ups:
+        _check_values(u, plan, ds, layout.participants(run))  # the reference may be one whose upload is missing
+    job = _plan_store(run, plan, ups, ds)
+    n_total = plan["fingerprint"]["n"]
+    summary = {
+        "path": str(job.out), "rows": int(len(job.index)), "dim": int(job.dim), "participants": [u["name"] for u in ups],
+        "missing_shards": missing, "coverage": len(job.index) / n_total, "images": job.images is not None,
+        "target_dtype": job.td, "rounds": job.rounds, "skipped": False,
+    }
+    # Before the lock and the room check: being up to date needs neither. A merge that publishes
+    # between this check and our lock was made from these same uploads: replacing it changes nothing.
+    if job.out.exists() and not force:
+        changed = _changes(job.out, job.inputs, plan)
+        if changed:
+            raise CooptError(f"{job.out}: exists, {changed}; merge --force replaces it")
+        return summary | {"skipped": True, "seconds": time.perf_counter() - t0}
+    # The store's size is known exactly: refuse up front rather than fail half-way (HDF5 then
+    # also fails to close the file, noisily).
+    image_row = job.images[:1].nbytes if job.images is not None else 0
+    store.check_room(job.out, len(job.index) * (codec.bytes_per_row(job.td, job.dim) + 10 + image_row) + (1 << 20))
+    with store.Lock(job.out):
+        with disk_guard(job.out):
+            _write(job, progress)
+    return summary | {"seconds": time.perf_counter() - t0}
+
+
+def _agreeing_uploads(run: Path, plan: dict, allow_missing: bool) -> tuple[list[dict], list[int]]:
+    """Every upload's structure (_validate), agreeing on dim, dtype, reference and S*, one per
+    shard; (the uploads, the shards without one)."""
     names = layout.uploads(run)
     if not names:
         raise CooptError(f"{run}: no aligned uploads (run align first)")
     ups = [_validate(run, nm, plan) for nm in names]
-    dims = {u["dim"] for u in ups}
-    refs = {u["reference"] for u in ups}
-    if len(dims) > 1:
-        raise CooptError(f"{run}: uploads disagree on the target dim: " + ", ".join(f"{u['name']}={u['dim']}" for u in ups))
-    tds = {u["target_dtype"] for u in ups}
-    if len(tds) > 1:
-        raise CooptError(f"{run}: uploads use different target dtypes: " + ", ".join(f"{u['name']}={u['target_dtype']}" for u in ups))
-    td = tds.pop()
-    if len(refs) > 1:
-        raise CooptError(f"{run}: uploads were aligned to different references: " + ", ".join(f"{u['name']}={u['reference']}" for u in ups))
+    for key, what in (("dim", "disagree on the target dim"), ("target_dtype", "use different target dtypes"),
+                      ("reference", "were aligned to different references")):
+        if len({u[key] for u in ups}) > 1:
+            raise CooptError(f"{run}: uploads {what}: " + ", ".join(f"{u['name']}={u[key]}" for u in ups))
     if len({u["s_star"] for u in ups if u["s_star"]}) > 1:
         raise CooptError(f"{run}: uploads were fitted to different S* (a participant's features changed since the "
                          f"others aligned): " + ", ".join(f"{u['name']}={u['s_star'][:8]}" for u in ups)
@@ -267,104 +298,86 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True, f
     missing = [k for k in range(plan["participants"]) if k not in by_shard]
     if missing and not allow_missing:
         raise CooptError(f"{run}: shards {missing} have no upload (use --allow-missing to merge without them)")
-    ds = plan_dataset(plan)
-    for u in ups:
-        _check_values(u, plan, ds, everyone)
+    return ups, missing
 
-    dim = dims.pop()
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """The merged store to write, decided before any byte is: rows, owners, statistics, inputs."""
+    out: Path
+    plan: dict
+    ups: list
+    index: np.ndarray           # ascending global sample ids of the rows
+    row_of: np.ndarray          # global sample id -> row (-1: not in the store)
+    mean: np.ndarray
+    std: np.ndarray
+    td: str
+    dim: int
+    images: object              # the data set's in-memory images when the store holds them, else None
+    inputs: dict                # upload path relative to the run -> sha256
+    rounds: dict
+
+
+def _plan_store(run: Path, plan: dict, ups: list[dict], ds) -> Job:
     n_total = plan["fingerprint"]["n"]
     # Images skipped at extraction (unreadable) are absent from the merged store, like missing shards.
-    index = np.sort(np.concatenate([np.asarray(plan["shards"][k], dtype=np.int64)[by_shard[k]["keep"]]
-                                    for k in sorted(by_shard)]))
+    index = np.sort(np.concatenate([np.asarray(plan["shards"][u["shard"]], dtype=np.int64)[u["keep"]]
+                                    for u in sorted(ups, key=lambda u: u["shard"])]))
     if not len(index):
         raise CooptError(f"{run}: every uploaded sample is skipped; nothing to merge")
     row_of = np.full(n_total, -1, dtype=np.int64)
     row_of[index] = np.arange(len(index))
-    owner = np.empty(len(index), dtype=np.int16)
-    s = sum(u["sum"] for u in ups)
-    ss = sum(u["sumsq"] for u in ups)
-    mean = s / len(index)  # skipped rows are zeros (checked): they add nothing to s and ss
-    std = np.sqrt(np.maximum(ss / len(index) - mean**2, 0.0))
+    mean = sum(u["sum"] for u in ups) / len(index)  # skipped rows are zeros (checked): they add nothing
+    std = np.sqrt(np.maximum(sum(u["sumsq"] for u in ups) / len(index) - mean**2, 0.0))
     hold_images = ds.images is not None and ds.images[:1].nbytes * len(index) <= MAX_IMAGE_BYTES
-    inputs = {str(u["path"].relative_to(run)): u["sha256"] for u in ups}
-    rounds = {u["name"]: u["round"] for u in ups}
-    out = run / "merged.h5"
-    summary = {
-        "path": str(out), "rows": int(len(index)), "dim": int(dim), "participants": [u["name"] for u in ups],
-        "missing_shards": missing, "coverage": len(index) / n_total, "images": bool(hold_images), "target_dtype": td,
-        "rounds": rounds, "skipped": False,
-    }
-
-    def fill(f: h5py.File) -> None:
-        for k, v in store.provenance(
-            participants=json.dumps([u["name"] for u in ups]), dataset=plan["dataset"],
-            limit=-1 if plan.get("limit") is None else int(plan["limit"]),
-            fingerprint=json.dumps(plan["fingerprint"]), dim=int(dim), target_dtype=td,
-            inputs=json.dumps(inputs), coverage=len(index) / n_total, reference=ups[0]["reference"],
-            rounds=json.dumps(rounds),
-        ).items():
-            f.attrs[k] = v
-        store.create_contiguous(f, "targets", (len(index), dim), codec.storage_dtype(td))
-        if td == "int8":  # per row, in row order
-            store.create_contiguous(f, "target_scale", (len(index),), np.float32)
-        elif td == "int8-dim":  # per participant and dimension: rows pick theirs by `participant`
-            f.create_dataset("target_scale", data=np.stack([u["scale"] for u in ups]).astype(np.float32))
-        if hold_images:
-            store.create_contiguous(f, "images", (len(index),) + ds.images.shape[1:], np.uint8)
-        for pos, u in enumerate(ups):
-            owner[row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)[u["keep"]]]] = pos
-        f.create_dataset("index", data=index)
-        f.create_dataset("participant", data=owner)
-        f.create_dataset("target_mean", data=mean.astype(np.float32))
-        f.create_dataset("target_std", data=std.astype(np.float32))
-
-    # Before the lock and the room check: being up to date needs neither. A merge that publishes
-    # between this check and our lock was made from these same uploads: replacing it changes nothing.
-    if out.exists() and not force:
-        changed = _changes(out, inputs, plan)
-        if changed:
-            raise CooptError(f"{out}: exists, {changed}; merge --force replaces it")
-        return summary | {"skipped": True, "seconds": time.perf_counter() - t0}
-    # The store's size is known exactly: refuse up front rather than fail half-way (HDF5 then
-    # also fails to close the file, noisily).
-    need = len(index) * (codec.bytes_per_row(td, dim) + 10 + (ds.images[:1].nbytes if hold_images else 0)) + (1 << 20)
-    store.check_room(out, need)
-    with store.Lock(out):
-        with disk_guard(out):
-            _write(out, fill, ups, plan, row_of, index, ds.images if hold_images else None, progress)
-    return summary | {"seconds": time.perf_counter() - t0}
+    return Job(out=layout.merged_path(run), plan=plan, ups=ups, index=index, row_of=row_of, mean=mean, std=std,
+               td=ups[0]["target_dtype"], dim=ups[0]["dim"], images=ds.images if hold_images else None,
+               inputs={str(u["path"].relative_to(run)): u["sha256"] for u in ups},
+               rounds={u["name"]: u["round"] for u in ups})
 
 
-def _write(out: Path, fill, ups: list[dict], plan: dict, row_of: np.ndarray, index: np.ndarray, images, progress) -> None:
+def _fill(f: h5py.File, job: Job) -> None:
+    """merged.h5's attributes and layout (contiguous datasets allocated, not yet filled), and its
+    small datasets."""
+    plan, ups, index, td, dim = job.plan, job.ups, job.index, job.td, job.dim
+    for k, v in store.provenance(
+        participants=json.dumps([u["name"] for u in ups]), dataset=plan["dataset"],
+        limit=-1 if plan.get("limit") is None else int(plan["limit"]),
+        fingerprint=json.dumps(plan["fingerprint"]), dim=int(dim), target_dtype=td,
+        inputs=json.dumps(job.inputs), coverage=len(index) / plan["fingerprint"]["n"], reference=ups[0]["reference"],
+        rounds=json.dumps(job.rounds),
+    ).items():
+        f.attrs[k] = v
+    store.create_contiguous(f, "targets", (len(index), dim), codec.storage_dtype(td))
+    if td == "int8":  # per row, in row order
+        store.create_contiguous(f, "target_scale", (len(index),), np.float32)
+    elif td == "int8-dim":  # per participant and dimension: rows pick theirs by `participant`
+        f.create_dataset("target_scale", data=np.stack([u["scale"] for u in ups]).astype(np.float32))
+    if job.images is not None:
+        store.create_contiguous(f, "images", (len(index),) + job.images.shape[1:], np.uint8)
+    owner = np.empty(len(index), dtype=np.int16)
+    for pos, u in enumerate(ups):
+        owner[job.row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)[u["keep"]]]] = pos
+    f.create_dataset("index", data=index)
+    f.create_dataset("participant", data=owner)
+    f.create_dataset("target_mean", data=job.mean.astype(np.float32))
+    f.create_dataset("target_std", data=job.std.astype(np.float32))
+
+
+def _write(job: Job, progress: bool) -> None:
     """Layout first (h5py), then the bulk bytes through np.memmap: scattering whole rows into
     global order is one numpy fancy assignment per block, where h5py's point selections cost
     per index. Published (complete + rename) only after the bytes are flushed."""
+    out = job.out
     part = store.partial_path(out)
     try:
         with h5py.File(part, "w") as f:
-            fill(f)
-        tg = store.memmap(part, "targets", mode="r+")
-        row_scale = store.memmap(part, "target_scale", mode="r+") if ups[0]["target_dtype"] == "int8" else None
-        with bar("merge", len(index), progress, unit="rows") as advance:
-            for u in ups:
-                rows = row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)]  # -1 where skipped
-                with h5py.File(u["path"], "r") as src:
-                    src_t = src["shard/targets"]
-                    for b in range(0, len(rows), COPY_BLOCK_ROWS):
-                        keep = u["keep"][b : b + COPY_BLOCK_ROWS]
-                        dst = rows[b : b + COPY_BLOCK_ROWS][keep]
-                        tg[dst] = src_t[b : b + COPY_BLOCK_ROWS][keep]
-                        if row_scale is not None:
-                            row_scale[dst] = src["shard/scale"][b : b + COPY_BLOCK_ROWS, 0][keep]
-                        advance(len(keep))
-        tg.flush()
-        if row_scale is not None:
-            row_scale.flush()
-        del tg, row_scale
-        if images is not None:
+            _fill(f, job)
+        _copy_targets(part, job, progress)
+        if job.images is not None:
             im = store.memmap(part, "images", mode="r+")
-            for b in range(0, len(index), COPY_BLOCK_ROWS):
-                im[b : b + COPY_BLOCK_ROWS] = images[index[b : b + COPY_BLOCK_ROWS]]
+            for b in range(0, len(job.index), COPY_BLOCK_ROWS):
+                im[b : b + COPY_BLOCK_ROWS] = job.images[job.index[b : b + COPY_BLOCK_ROWS]]
             im.flush()
             del im
         f = h5py.File(part, "r+")
@@ -378,3 +391,24 @@ def _write(out: Path, fill, ups: list[dict], plan: dict, row_of: np.ndarray, ind
     except BaseException:
         part.unlink(missing_ok=True)
         raise
+
+
+def _copy_targets(part: Path, job: Job, progress: bool) -> None:
+    """Every upload's kept rows into their global rows of the partial store (and int8 row scales)."""
+    tg = store.memmap(part, "targets", mode="r+")
+    row_scale = store.memmap(part, "target_scale", mode="r+") if job.td == "int8" else None
+    with bar("merge", len(job.index), progress, unit="rows") as advance:
+        for u in job.ups:
+            rows = job.row_of[np.asarray(job.plan["shards"][u["shard"]], dtype=np.int64)]  # -1 where skipped
+            with h5py.File(u["path"], "r") as src:
+                src_t = src["shard/targets"]
+                for b in range(0, len(rows), COPY_BLOCK_ROWS):
+                    keep = u["keep"][b : b + COPY_BLOCK_ROWS]
+                    dst = rows[b : b + COPY_BLOCK_ROWS][keep]
+                    tg[dst] = src_t[b : b + COPY_BLOCK_ROWS][keep]
+                    if row_scale is not None:
+                        row_scale[dst] = src["shard/scale"][b : b + COPY_BLOCK_ROWS, 0][keep]
+                    advance(len(keep))
+    tg.flush()
+    if row_scale is not None:
+        row_scale.flush()
