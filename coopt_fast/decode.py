@@ -26,7 +26,7 @@ import io
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Generator, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,20 @@ class Batch:
     bad: list[int]             # positions (within this batch) of images that failed to decode
 
 
+@dataclass(frozen=True)
+class DecodeJob:
+    """What every decode path needs, resolved once by `batches`."""
+    ds: Dataset
+    size: int                  # S: batches are [b, 3, S, S]
+    mean: Sequence[float]      # per channel, of pixels in [0, 1]
+    std: Sequence[float]
+    batch_size: int
+    device: torch.device
+    on_bad: str                # fail | skip
+    workers: int               # DataLoader worker processes, DALI threads
+    max_pixels: int            # COOPT_MAX_IMAGE_PIXELS for folders; 0 for in-memory data
+
+
 def dali_available() -> bool:
     try:
         import nvidia.dali  # noqa: F401
@@ -54,15 +68,12 @@ def dali_available() -> bool:
 
 
 def choose_decoder(decoder: str, ds: Dataset, device: torch.device, input_size: int) -> str:
-    """`auto`, by bench/results/extract.json (2-core CPU, 2 decode threads each side):
+    """What `auto` picks (bench/results/extract.json has the figures):
 
-    * raw arrays on the CPU: torchvision. The torch ops on a uint8 batch (one resize, one
-      normalise) beat DALI's external_source pipeline, whose per-sample feeding and copies
-      cost more than the work itself at 28-32 px (20.8k vs 13.8k img/s decode-only; noisy
-      under load, and end-to-end is model-bound either way).
-    * JPEG folders (every file .jpg/.jpeg) on the CPU: DALI (decode-only 1.24x torchvision at
-      64 px, 1.29x at 224 px, 1.5x when shrinking 224 -> 160 or 112 px). A file among them that
-      is not a JPEG DALI can take (`dali_safe`) is decoded per file.
+    * raw arrays on the CPU: torchvision. At 28-32 px DALI's per-sample external_source feeding
+      costs more than the torch ops on a uint8 batch (one resize, one normalise).
+    * JPEG folders (every file .jpg/.jpeg) on the CPU: DALI, ~1.2-1.5x torchvision's decode. A
+      file among them that is not a JPEG DALI can take (`dali_safe`) is decoded per file.
     * folders with other formats: torchvision; DALI would only hand them back (see `dali_safe`).
     * CUDA: DALI (decode on the GPU with `mixed`, no host round trip).
     """
@@ -83,18 +94,22 @@ def choose_decoder(decoder: str, ds: Dataset, device: torch.device, input_size: 
 
 def batches(ds: Dataset, rows: np.ndarray, input_size: int, mean, std, batch_size: int, device: torch.device,
             decoder: str = "torchvision", on_bad_image: str = "fail", workers: int = 2) -> Iterator[Batch]:
+    """`rows` of `ds` as batches on `device`, decoded by `decoder` (dali or torchvision).
+
+    Ten positional parameters because extract calls it so; everything below takes a DecodeJob.
+    """
     if on_bad_image not in ("fail", "skip"):
         raise CooptError(f"--on-bad-image {on_bad_image!r}: use fail or skip")
     # Read once, here: a bad value must be one error, not every file of a worker refused.
     max_pixels = max_image_pixels() if ds.files is not None else 0
+    job = DecodeJob(ds=ds, size=input_size, mean=mean, std=std, batch_size=batch_size, device=device,
+                    on_bad=on_bad_image, workers=workers, max_pixels=max_pixels)
     if decoder == "dali":
-        yield from _dali_batches(ds, rows, input_size, mean, std, batch_size, device, on_bad_image, workers,
-                                 max_pixels)
+        yield from _dali_batches(job, rows)
     elif ds.images is not None:
-        yield from prefetch(_memory_batches(ds, rows, input_size, mean, std, batch_size, device), depth=2)
+        yield from prefetch(_memory_batches(job, rows), depth=2)
     else:
-        yield from _folder_batches(ds, rows, input_size, mean, std, batch_size, device, on_bad_image, workers,
-                                   max_pixels)
+        yield from _folder_batches(job, rows, workers)
 
 
 def prefetch(it: Iterator, depth: int = 2) -> Iterator:
@@ -135,10 +150,11 @@ def prefetch(it: Iterator, depth: int = 2) -> Iterator:
         stop.set()
 
 
-def _memory_batches(ds, rows, size, mean, std, bs, device) -> Iterator[Batch]:
+def _memory_batches(job: DecodeJob, rows: np.ndarray) -> Iterator[Batch]:
+    bs = job.batch_size
     for b in range(0, len(rows), bs):
-        x = preprocess(torch.from_numpy(ds.images[rows[b : b + bs]]), size, mean, std)
-        yield Batch(b, x.to(device, non_blocking=True), [])
+        x = preprocess(torch.from_numpy(job.ds.images[rows[b : b + bs]]), job.size, job.mean, job.std)
+        yield Batch(b, x.to(job.device, non_blocking=True), [])
 
 
 class _FolderBatchSet(torch.utils.data.Dataset):
@@ -167,19 +183,21 @@ class _FolderBatchSet(torch.utils.data.Dataset):
             if img.shape[0] == 1:
                 img = img.expand(3, -1, -1)
             out[j] = TF.resize(img, [self.size, self.size], antialias=True)
-        # In place: fresh float batches cost ~3x the decode at 224 px (bench_extract).
+        # In place: a fresh float batch costs ~3x the decode at 224 px.
         x = out.float().sub_(self.mean).div_(self.std)
         return i * self.bs, x, bad, errors
 
 
-def _folder_batches(ds, rows, size, mean, std, bs, device, on_bad, workers, max_pixels) -> Iterator[Batch]:
-    data = _FolderBatchSet(ds.files, rows, size, mean, std, bs, on_bad, max_pixels)
+def _folder_batches(job: DecodeJob, rows: np.ndarray, workers: int) -> Iterator[Batch]:
+    """Folder rows decoded file by file in `workers` DataLoader processes (0: in this one)."""
+    data = _FolderBatchSet(job.ds.files, rows, job.size, job.mean, job.std, job.batch_size, job.on_bad,
+                           job.max_pixels)
     loader = torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                          prefetch_factor=2 if workers else None, persistent_workers=False)
     for start, x, bad, errors in loader:
-        if bad and on_bad == "fail":
+        if bad and job.on_bad == "fail":
             raise CooptError(errors[0] + " (use --on-bad-image skip to leave it out)")
-        yield Batch(start, x.to(device, non_blocking=True), bad)
+        yield Batch(start, x.to(job.device, non_blocking=True), bad)
 
 
 SIZE_PEEK = 64  # folder files whose headers decide whether DALI's resize can be left out
@@ -189,9 +207,9 @@ def folder_needs_resize(files, rows: np.ndarray, size: int) -> bool:
     """Whether any of up to SIZE_PEEK files spread over `rows` is not size x size.
 
     Header reads only (PIL opens lazily), ~0.1 ms a file. A same-size fn.resize is an identity
-    that costs DALI's CPU pipeline half its time at 224 px (bench_extract: 1,169 vs 2,385 img/s),
-    so folders already at the model's size skip it; a file the peek missed shows up as a batch
-    of mixed shapes, and _dali_batches then redoes that batch with the resize on.
+    that still costs DALI's CPU pipeline half its time at 224 px, so folders already at the
+    model's size skip it; a file the peek missed shows up as a batch of mixed shapes, and
+    _dali_run then redoes that batch with the resize on.
     """
     Image = pil_image()  # a huge declared size must not print PIL's bomb warning here
 
@@ -207,13 +225,15 @@ def folder_needs_resize(files, rows: np.ndarray, size: int) -> bool:
     return False
 
 
-def _dali_pipeline(ds, rows, size, mean, std, bs, device, workers, resize: bool):
+def _dali_pipeline(job: DecodeJob, rows: np.ndarray, resize: bool):
+    """A built DALI pipeline over `rows`, resizing to job.size if `resize`."""
     from nvidia.dali import fn, pipeline_def, types
 
+    ds, size, bs, device = job.ds, job.size, job.batch_size, job.device
     gpu = device.type == "cuda"
-    mean255, std255 = [m * 255 for m in mean], [s * 255 for s in std]
+    mean255, std255 = [m * 255 for m in job.mean], [s * 255 for s in job.std]
 
-    @pipeline_def(batch_size=bs, num_threads=max(1, workers), device_id=(device.index or 0) if gpu else None,
+    @pipeline_def(batch_size=bs, num_threads=max(1, job.workers), device_id=(device.index or 0) if gpu else None,
                   prefetch_queue_depth=2, exec_dynamic=True)
     def pipe():
         if ds.images is not None:
@@ -244,9 +264,8 @@ def dali_safe(path, max_pixels: int) -> bool:
     DALI's parser reads them (`jpeg_header`), baseline/extended/progressive Huffman with 8 bits and
     1 or 3 components (what DALI was tried on; CMYK, 12-bit, lossless, arithmetic go per file),
     1..max_pixels pixels, ending with EOI (FF D9: a cut-off file, on which DALI prints its own
-    error lines, goes per file). Reads the header and the last 2 bytes: 28-44 us a file on the
-    2-core test machine under load, against ~1.8 ms a 224 px image through DALI (400 JPEGs:
-    474-570 img/s with the probe, 479-561 without; the difference is within the noise).
+    error lines, goes per file). Reads the header and the last 2 bytes: tens of us a file,
+    against ~1.8 ms to decode a 224 px image in DALI.
     """
     try:
         with open(path, "rb") as f:
@@ -262,23 +281,15 @@ def dali_safe(path, max_pixels: int) -> bool:
     return sof in JPEG_HUFFMAN_SOF and bits == 8 and components in (1, 3) and 0 < width * height <= max_pixels
 
 
-def _dali_batches(ds, rows, size, mean, std, bs, device, on_bad, workers, max_pixels) -> Iterator[Batch]:
+def _dali_batches(job: DecodeJob, rows: np.ndarray) -> Iterator[Batch]:
     """DALI batches. Folders: a batch holding any file `dali_safe` refuses never reaches DALI: it is
     decoded per file (data.read_image_file), which names (fail) or zero-fills (skip) the bad files,
     and DALI restarts after it. Routing whole batches keeps the batches the same rows as in a clean
-    folder and reuses the restart below; it costs a pipeline build per run of clean batches, which
-    shows only when unsafe files are spread through a folder (`auto` sends non-JPEG ones to
-    torchvision). A batch DALI still fails on (a JPEG cut or corrupt past its header) is redone the
-    same way. A batch of mixed shapes (a folder file the size peek missed) restarts DALI at that
-    batch with the resize on."""
-    unsafe = np.zeros(-(-len(rows) // bs), dtype=bool)  # per batch
-    if ds.images is not None:  # in memory: one shape for all, known
-        resize = tuple(ds.images.shape[1:3]) != (size, size)
-    else:
-        resize = folder_needs_resize(ds.files, rows, size)
-        for i, r in enumerate(rows):
-            if not unsafe[i // bs] and not dali_safe(ds.files[r], max_pixels):
-                unsafe[i // bs] = True
+    folder; it costs a pipeline build per run of clean batches, which shows only when unsafe files
+    are spread through a folder (`auto` sends non-JPEG ones to torchvision). `_dali_run` handles a
+    batch DALI still fails on, or one of mixed shapes."""
+    bs = job.batch_size
+    unsafe, resize = _dali_plan(job, rows)
     start = 0  # always a multiple of bs
     while start < len(rows):
         end = start
@@ -286,40 +297,63 @@ def _dali_batches(ds, rows, size, mean, std, bs, device, on_bad, workers, max_pi
             end += bs
         end = min(end, len(rows))
         if unsafe[start // bs]:
-            one = end - start <= bs  # one batch: no worker processes to start for it
-            for item in _folder_batches(ds, rows[start:end], size, mean, std, bs, device, on_bad,
-                                        0 if one else workers, max_pixels):
-                yield Batch(start + item.start, item.x, item.bad)
+            yield from _per_file(job, rows, start, end)
             start = end
             continue
-        p = _dali_pipeline(ds, rows[start:end], size, mean, std, bs, device, workers, resize)
-        try:
-            for b in range(start, end, bs):
-                try:
-                    out, = p.run()
-                except StopIteration:
-                    return
-                if not out.is_dense_tensor():  # only without resize: sizes differ within the batch
-                    resize = True
-                    break
-                x = torch.from_dlpack(out.as_tensor()).clone()  # DALI reuses its buffers
-                if x.shape[-2:] != (size, size):  # a whole batch of another size: same remedy
-                    resize = True
-                    break
-                yield Batch(b, x[: min(bs, end - b)].to(device, non_blocking=True), [])
-                start = b + bs
-            else:
-                start = end
-        except StopIteration:
+        step = yield from _dali_run(job, rows, start, end, resize)
+        if step is None:  # DALI ran out of rows
             return
-        except RuntimeError:
-            if ds.files is None:
-                raise
-            # The batch at `start` has a bad file: decode it image by image, then restart DALI.
-            fallback = _folder_batches(ds, rows[start : start + bs], size, mean, std, bs, device, on_bad, 0,
-                                       max_pixels)
-            for item in fallback:
-                yield Batch(start, item.x, item.bad)
-            start += bs
-        finally:
-            del p
+        start, resize = step
+
+
+def _dali_plan(job: DecodeJob, rows: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(per batch, whether it holds a file DALI must not see; whether DALI must resize)."""
+    bs = job.batch_size
+    unsafe = np.zeros(-(-len(rows) // bs), dtype=bool)
+    if job.ds.images is not None:  # in memory: one shape for all, known
+        return unsafe, tuple(job.ds.images.shape[1:3]) != (job.size, job.size)
+    resize = folder_needs_resize(job.ds.files, rows, job.size)
+    for i, r in enumerate(rows):
+        if not unsafe[i // bs] and not dali_safe(job.ds.files[r], job.max_pixels):
+            unsafe[i // bs] = True
+    return unsafe, resize
+
+
+def _per_file(job: DecodeJob, rows: np.ndarray, start: int, end: int) -> Iterator[Batch]:
+    """Batches of rows[start:end] decoded per file, numbered from `start`."""
+    one = end - start <= job.batch_size  # one batch: no worker processes to start for it
+    for item in _folder_batches(job, rows[start:end], 0 if one else job.workers):
+        yield Batch(start + item.start, item.x, item.bad)
+
+
+def _dali_run(job: DecodeJob, rows: np.ndarray, start: int, end: int,
+              resize: bool) -> Generator[Batch, None, tuple[int, bool] | None]:
+    """Batches of rows[start:end] (all DALI-safe) through one pipeline. Returns (where to go on,
+    resize), or None when DALI ran out of rows. A batch of mixed shapes (a folder file the size
+    peek missed) stops the run there with the resize on; a batch DALI fails on (a JPEG cut or
+    corrupt past its header) is decoded per file and the run stops after it."""
+    bs = job.batch_size
+    p = _dali_pipeline(job, rows[start:end], resize)
+    try:
+        for b in range(start, end, bs):
+            try:
+                out, = p.run()
+            except StopIteration:
+                return None
+            if not out.is_dense_tensor():  # only without resize: sizes differ within the batch
+                return b, True
+            x = torch.from_dlpack(out.as_tensor()).clone()  # DALI reuses its buffers
+            if x.shape[-2:] != (job.size, job.size):  # a whole batch of another size: same remedy
+                return b, True
+            yield Batch(b, x[: min(bs, end - b)].to(job.device, non_blocking=True), [])
+        return end, resize
+    except StopIteration:
+        return None
+    except RuntimeError:
+        if job.ds.files is None:
+            raise
+        # The batch at `b` has a bad file: decode it image by image, then restart DALI after it.
+        yield from _per_file(job, rows, b, b + bs)
+        return b + bs, resize
+    finally:
+        del p
