@@ -106,58 +106,75 @@ class StoreLoader:
         with open_complete(self.path, "merged store") as f:
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
             self.participants = attr_json(f, "participants") if "participants" in f.attrs else []
-            for name in ("targets", "index"):
-                if name not in f:
-                    raise CooptError(f"{self.path}: merged store has no `{name}` dataset")
-            if f["targets"].ndim != 2:
-                raise CooptError(f"{self.path}:targets: expected [rows, dim], got shape {f['targets'].shape}")
-            if "images" in f and f["images"].ndim != 4:
-                raise CooptError(f"{self.path}:images: expected [rows, H, W, C], got shape {f['images'].shape}")
+            self._check_layout(f)
             self.n = int(f["targets"].shape[0])
             self.dim = int(f["targets"].shape[1])
             self.target_mean = torch.from_numpy(f["target_mean"][()].astype(np.float32)) if "target_mean" in f else None
             self.target_std = torch.from_numpy(f["target_std"][()].astype(np.float32)) if "target_std" in f else None
             self.target_dtype = str(self.attrs.get("target_dtype", "float16"))
-            need = set(self.fields) | ({"index"} if "images" in self.fields and "images" not in f else set())
-            self.dim_scale = None  # int8-dim: [K, n] on the device, picked per row by `participant`
-            if "targets" in self.fields and self.target_dtype in ("int8", "int8-dim"):
-                if "target_scale" not in f:
-                    raise CooptError(f"{self.path}: {self.target_dtype} targets without `target_scale`")
-                if self.target_dtype == "int8":
-                    need.add("target_scale")  # [N'] per row: gathered like a field
-                else:
-                    self.dim_scale = torch.from_numpy(f["target_scale"][:]).to(self.device)
-                    need.add("participant")
+            need, self.dim_scale = self._needed(f)  # dim_scale: int8-dim's [K, n], picked per row by `participant`
             for name in sorted(need):
                 if name == "images" and name not in f:
                     continue
-                if name not in f:
-                    raise CooptError(f"{self.path}: merged store has no `{name}` dataset")
-                if f[name].shape[0] != self.n:
-                    raise CooptError(f"{self.path}:{name}: {f[name].shape[0]} rows, `targets` has {self.n}")
-                arr = memmap_dataset(self.path, f[name])
-                # Cheap guard against a wrong offset: first and last rows must equal h5py's read.
-                nan_ok = arr.dtype.kind == "f"
-                if self.n and not (np.array_equal(arr[0], f[name][0], equal_nan=nan_ok)
-                                   and np.array_equal(arr[-1], f[name][-1], equal_nan=nan_ok)):
-                    raise CooptError(f"{self.path}:{name}: memory-mapped rows differ from HDF5's read")
-                if name == "targets" and arr.dtype.kind == "f":  # one read of the targets: ~0.1 s per 100 MB
-                    bad = next((b for b in range(0, self.n, 65536) if not np.isfinite(arr[b : b + 65536]).all()), None)
-                    if bad is not None:
-                        raise CooptError(f"{self.path}:targets: NaN or Inf values (rows {bad}..{bad + 65535})")
-                self.arrays[name] = arr
+                self.arrays[name] = self._memmap(f, name)
             if "images" in self.fields and "images" not in f:
-                spec = self.attrs.get("dataset")
-                if not spec:
-                    raise CooptError(f"{self.path}: no `images` dataset and no `dataset` attribute to read them from")
-                limit = self.attrs.get("limit")  # merge writes -1 for "no limit"
-                limit = int(limit) if limit not in (None, "") and int(limit) > 0 else None
-                self.dataset = load_dataset(spec).subset(limit)
-                if self.n and int(self.arrays["index"].max()) >= len(self.dataset):
-                    raise CooptError(f"{self.path}: `index` reaches {int(self.arrays['index'].max())}, "
-                                     f"but data set {spec} has {len(self.dataset)} samples")
+                self.dataset = self._source_dataset()
         self.resident = self._choose_resident(resident)
         self.on_device: dict[str, torch.Tensor] = self._upload() if self.resident else {}
+
+    # ---- opening ----------------------------------------------------------------------------
+
+    def _check_layout(self, f) -> None:
+        """The datasets every merged store has, with the ranks the loader reads them at."""
+        for name in ("targets", "index"):
+            if name not in f:
+                raise CooptError(f"{self.path}: merged store has no `{name}` dataset")
+        if f["targets"].ndim != 2:
+            raise CooptError(f"{self.path}:targets: expected [rows, dim], got shape {f['targets'].shape}")
+        if "images" in f and f["images"].ndim != 4:
+            raise CooptError(f"{self.path}:images: expected [rows, H, W, C], got shape {f['images'].shape}")
+
+    def _needed(self, f) -> tuple[set, torch.Tensor | None]:
+        """(datasets to memory-map for self.fields, int8-dim's per-participant scales on the device)."""
+        need = set(self.fields) | ({"index"} if "images" in self.fields and "images" not in f else set())
+        if "targets" not in self.fields or self.target_dtype not in ("int8", "int8-dim"):
+            return need, None
+        if "target_scale" not in f:
+            raise CooptError(f"{self.path}: {self.target_dtype} targets without `target_scale`")
+        if self.target_dtype == "int8":
+            return need | {"target_scale"}, None  # [N'] per row: gathered like a field
+        return need | {"participant"}, torch.from_numpy(f["target_scale"][:]).to(self.device)
+
+    def _memmap(self, f, name: str) -> np.ndarray:
+        """Dataset `name` memory-mapped, once its rows are checked against h5py's read."""
+        if name not in f:
+            raise CooptError(f"{self.path}: merged store has no `{name}` dataset")
+        if f[name].shape[0] != self.n:
+            raise CooptError(f"{self.path}:{name}: {f[name].shape[0]} rows, `targets` has {self.n}")
+        arr = memmap_dataset(self.path, f[name])
+        # Cheap guard against a wrong offset: first and last rows must equal h5py's read.
+        nan_ok = arr.dtype.kind == "f"
+        if self.n and not (np.array_equal(arr[0], f[name][0], equal_nan=nan_ok)
+                           and np.array_equal(arr[-1], f[name][-1], equal_nan=nan_ok)):
+            raise CooptError(f"{self.path}:{name}: memory-mapped rows differ from HDF5's read")
+        if name == "targets" and arr.dtype.kind == "f":  # one read of the targets: ~0.1 s per 100 MB
+            bad = next((b for b in range(0, self.n, 65536) if not np.isfinite(arr[b : b + 65536]).all()), None)
+            if bad is not None:
+                raise CooptError(f"{self.path}:targets: NaN or Inf values (rows {bad}..{bad + 65535})")
+        return arr
+
+    def _source_dataset(self) -> Dataset:
+        """The data set the store's `index` points into, for images kept out of the store."""
+        spec = self.attrs.get("dataset")
+        if not spec:
+            raise CooptError(f"{self.path}: no `images` dataset and no `dataset` attribute to read them from")
+        limit = self.attrs.get("limit")  # merge writes -1 for "no limit"
+        limit = int(limit) if limit not in (None, "") and int(limit) > 0 else None
+        dataset = load_dataset(spec).subset(limit)
+        if self.n and int(self.arrays["index"].max()) >= len(dataset):
+            raise CooptError(f"{self.path}: `index` reaches {int(self.arrays['index'].max())}, "
+                             f"but data set {spec} has {len(dataset)} samples")
+        return dataset
 
     # ---- placement ------------------------------------------------------------------------
 
@@ -234,9 +251,7 @@ class StoreLoader:
         return self._finish(batch)
 
     def _iter_host(self):
-        # Synchronous on purpose. A prefetch thread (futures, or a producer queue 2 deep) was
-        # measured on 2 cores: loader alone 0.6x, train --student linear unchanged within noise
-        # (the gather is ~5% of even a trivial step), so it bought nothing here.
+        # Synchronous on purpose: the gather is ~5% of even a trivial step, so a prefetch thread gains nothing.
         order = self.order().numpy()
         for b in range(self.start_batch, len(self)):
             yield self._host_batch(order, b)
