@@ -260,7 +260,7 @@ def _setup_decode(spec: dict):
     import torch
 
     from coopt_fast.data import load_dataset
-    from coopt_fast.decode import batches
+    from coopt_fast.decode import batches, decode_job
     from coopt_fast.priors import CONVNET_MEAN, CONVNET_STD
 
     # extract imports torchvision (load_prior) before it decodes, and forked DataLoader workers inherit
@@ -275,8 +275,8 @@ def _setup_decode(spec: dict):
     def run():
         t = time.perf_counter()
         if spec["path"] in ("dali", "torchvision"):
-            it = (b.x for b in batches(ds, rows, spec["size"], mean, std, spec["bs"], dev, spec["path"], "fail",
-                                       spec["workers"]))
+            how = decode_job(ds, spec["size"], mean, std, spec["bs"], dev, "fail", spec["workers"])
+            it = (b.x for b in batches(how, rows, spec["path"]))
         else:
             it = _variant_batches(spec, ds, rows, mean, std)
         first = None

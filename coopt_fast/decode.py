@@ -47,7 +47,7 @@ class Batch:
 
 @dataclass(frozen=True)
 class DecodeJob:
-    """What every decode path needs, resolved once by `batches`."""
+    """What every decode path needs, resolved once (decode_job)."""
     ds: Dataset
     size: int                  # S: batches are [b, 3, S, S]
     mean: Sequence[float]      # per channel, of pixels in [0, 1]
@@ -92,24 +92,25 @@ def choose_decoder(decoder: str, ds: Dataset, device: torch.device, input_size: 
     return "dali"
 
 
-def batches(ds: Dataset, rows: np.ndarray, input_size: int, mean, std, batch_size: int, device: torch.device,
-            decoder: str = "torchvision", on_bad_image: str = "fail", workers: int = 2) -> Iterator[Batch]:
-    """`rows` of `ds` as batches on `device`, decoded by `decoder` (dali or torchvision).
-
-    Ten positional parameters because extract calls it so; everything below takes a DecodeJob.
-    """
+def decode_job(ds: Dataset, input_size: int, mean, std, batch_size: int, device: torch.device,
+               on_bad_image: str = "fail", workers: int = 2) -> DecodeJob:
+    """What `batches` decodes with, checked once: a bad --on-bad-image or COOPT_MAX_IMAGE_PIXELS is
+    one error here, not every file of a worker refused."""
     if on_bad_image not in ("fail", "skip"):
         raise CooptError(f"--on-bad-image {on_bad_image!r}: use fail or skip")
-    # Read once, here: a bad value must be one error, not every file of a worker refused.
     max_pixels = max_image_pixels() if ds.files is not None else 0
-    job = DecodeJob(ds=ds, size=input_size, mean=mean, std=std, batch_size=batch_size, device=device,
-                    on_bad=on_bad_image, workers=workers, max_pixels=max_pixels)
+    return DecodeJob(ds=ds, size=input_size, mean=mean, std=std, batch_size=batch_size, device=device,
+                     on_bad=on_bad_image, workers=workers, max_pixels=max_pixels)
+
+
+def batches(job: DecodeJob, rows: np.ndarray, decoder: str = "torchvision") -> Iterator[Batch]:
+    """`rows` of job.ds as batches on job.device, decoded by `decoder` (dali or torchvision)."""
     if decoder == "dali":
         yield from _dali_batches(job, rows)
-    elif ds.images is not None:
+    elif job.ds.images is not None:
         yield from prefetch(_memory_batches(job, rows), depth=2)
     else:
-        yield from _folder_batches(job, rows, workers)
+        yield from _folder_batches(job, rows, job.workers)
 
 
 def prefetch(it: Iterator, depth: int = 2) -> Iterator:

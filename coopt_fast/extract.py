@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from . import layout, publish, remote, store
-from .decode import batches, choose_decoder
+from .decode import batches, choose_decoder, decode_job
 from .errors import CooptError, DiskFullError
 from .plan import check_seed, load_plan, plan_dataset, shard_indices
 from .priors import Prior, load_prior
@@ -465,8 +465,8 @@ def _blocks(job: Job, r: np.ndarray, start: int, runner: ModelRunner | None):
             block[np.arange(len(block)), job.ds.labels[r[b : b + bs]]] = 1
             yield block, np.empty(0, np.int64)
         return
-    for batch in batches(job.ds, r[start:], p.input_size, p.mean, p.std, bs, job.device, job.decoder,
-                         job.on_bad_image, job.workers):
+    how = decode_job(job.ds, p.input_size, p.mean, p.std, bs, job.device, job.on_bad_image, job.workers)
+    for batch in batches(how, r[start:], job.decoder):
         with np.errstate(over="ignore"):  # an overflow is refused below, not warned about
             y = runner(batch.x).numpy().astype(np.float16)
         y[batch.bad] = 0

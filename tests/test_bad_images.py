@@ -27,7 +27,7 @@ from PIL import Image
 import coopt_fast
 from coopt_fast import data
 from coopt_fast.data import fingerprint, load_dataset, read_image_file
-from coopt_fast.decode import batches, choose_decoder, dali_safe, folder_needs_resize
+from coopt_fast.decode import batches, choose_decoder, dali_safe, decode_job, folder_needs_resize
 from coopt_fast.errors import CooptError
 
 from .test_bad_inputs import ROOT, needs_dali, py, refused, refused_subprocess
@@ -273,10 +273,10 @@ def test_dali_only_sees_safe_files_and_the_rest_decode_per_file(tmp_path, monkey
     real = decode._dali_pipeline
     monkeypatch.setattr(decode, "_dali_pipeline", lambda d, rows, *a: seen.append(rows.tolist()) or real(d, rows, *a))
     rows = np.arange(20)
-    got = list(batches(ds, rows, 32, HALF, HALF, 4, CPU, "dali", "skip", 1))
+    got = list(batches(decode_job(ds, 32, HALF, HALF, 4, CPU, "skip", 1), rows, "dali"))
     assert seen == [[0, 1, 2, 3], [8, 9, 10, 11, 12, 13, 14, 15]], seen  # batches 1 and 4 never reach DALI
     assert [b.start for b in got] == [0, 4, 8, 12, 16] and [b.bad for b in got] == [[], [], [], [], [1]]
-    ref = list(batches(ds, rows, 32, HALF, HALF, 4, CPU, "torchvision", "skip", 0))
+    ref = list(batches(decode_job(ds, 32, HALF, HALF, 4, CPU, "skip", 0), rows, "torchvision"))
     for a, b in zip(got, ref):
         if a.start in (4, 16):  # decoded per file: the same decoder, the same values
             assert torch.equal(a.x, b.x), a.start
