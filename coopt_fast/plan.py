@@ -57,33 +57,14 @@ def split(
         if not plan.get("unchanged"):
             r.push_plan()
         return plan
-    out = remote.local_path(out)
+    out = Path(remote.local_path(out))
     seed = check_seed(seed)
-    if limit is not None and not 1 <= limit <= 2**63 - 1:  # the merged store records it as an int64
-        raise CooptError(f"--limit must be in [1, 2**63 - 1], got {limit}")
-    if participants < 1:
-        raise CooptError(f"--participants must be >= 1, got {participants}")
-    if not 0.0 < shared_fraction <= 1.0:
-        raise CooptError(f"--shared-fraction must be in (0, 1], got {shared_fraction}")
-    if sizes is not None:
-        if len(sizes) != participants:
-            raise CooptError(f"--sizes has {len(sizes)} weights for {participants} participants")
-        if any(not np.isfinite(w) or w <= 0 for w in sizes):
-            raise CooptError(f"--sizes must all be positive, got {sizes}")
+    _check_options(participants, shared_fraction, sizes, limit)
     ds = load_dataset(dataset).subset(limit)
     n = len(ds)
     if participants > n:
         raise CooptError(f"--participants {participants} is larger than the data set ({n} samples)")
-
-    weights = np.asarray(sizes if sizes is not None else [1.0] * participants, dtype=np.float64)
-    counts = _apportion(n, weights / weights.sum())
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n)
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    shards = [np.sort(perm[bounds[k] : bounds[k + 1]]).tolist() for k in range(participants)]
-    n_shared = max(1, int(round(shared_fraction * n)))
-    shared = np.sort(rng.choice(n, size=n_shared, replace=False)).tolist()
-
+    shards, shared = _draw(n, participants, shared_fraction, seed, sizes)
     plan = {
         "plan_version": PLAN_VERSION,
         "dataset": dataset,
@@ -96,10 +77,40 @@ def split(
         "shards": shards,
         "shared": shared,
     }
-    out = Path(out)
+    return _write_plan(out, plan, left_out_warnings(ds), force)
+
+
+def _check_options(participants: int, shared_fraction: float, sizes, limit) -> None:
+    if limit is not None and not 1 <= limit <= 2**63 - 1:  # the merged store records it as an int64
+        raise CooptError(f"--limit must be in [1, 2**63 - 1], got {limit}")
+    if participants < 1:
+        raise CooptError(f"--participants must be >= 1, got {participants}")
+    if not 0.0 < shared_fraction <= 1.0:
+        raise CooptError(f"--shared-fraction must be in (0, 1], got {shared_fraction}")
+    if sizes is not None:
+        if len(sizes) != participants:
+            raise CooptError(f"--sizes has {len(sizes)} weights for {participants} participants")
+        if any(not np.isfinite(w) or w <= 0 for w in sizes):
+            raise CooptError(f"--sizes must all be positive, got {sizes}")
+
+
+def _draw(n: int, participants: int, shared_fraction: float, seed: int, sizes) -> tuple[list, list]:
+    """(shards, S) as sorted index lists: one seeded generator draws the partition, then S."""
+    weights = np.asarray(sizes if sizes is not None else [1.0] * participants, dtype=np.float64)
+    counts = _apportion(n, weights / weights.sum())
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(n)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    shards = [np.sort(perm[bounds[k] : bounds[k + 1]]).tolist() for k in range(participants)]
+    n_shared = max(1, int(round(shared_fraction * n)))
+    return shards, np.sort(rng.choice(n, size=n_shared, replace=False)).tolist()
+
+
+def _write_plan(out: Path, plan: dict, warnings: list[str], force: bool) -> dict:
+    """plan.json, atomically; the same plan again is a no-op, another one needs force."""
     if out.exists() and not out.is_dir():
         raise CooptError(f"{out}: exists and is not a folder")
-    path, warnings = out / "plan.json", left_out_warnings(ds)
+    path = out / "plan.json"
     if path.exists():
         old = _read_json(path)
         if old == plan:

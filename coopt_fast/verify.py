@@ -85,61 +85,80 @@ def verify(run: str | Path) -> dict:
     def add(file, check, ok, detail):
         checks.append({"file": str(file), "check": check, "ok": bool(ok), "detail": detail})
 
-    try:
-        plan = load_plan(run)
-        add("plan.json", "parse", True, f"{plan['participants']} shards, |S| = {len(plan['shared'])}")
-        try:
-            plan_dataset(plan)
-            add("plan.json", "fingerprint", True, "data set unchanged since split")
-        except CooptError as e:
-            add("plan.json", "fingerprint", False, str(e).split(": ", 1)[-1])
-    except CooptError as e:
-        add("plan.json", "parse", False, str(e).split(": ", 1)[-1])
-        plan = None
-    pdir = run / "participants"
+    plan = _check_plan_file(run, add)
+    pdir = layout.participants_root(run)
     for d in sorted(pdir.iterdir()) if pdir.is_dir() else []:
-        try:
-            man = store.read_manifest(d)
-        except CooptError as e:
-            add(d.relative_to(run) / "manifest.json", "parse", False, str(e).split(": ", 1)[-1])
-            man = {}
-        shard = _shard_of(d)
-        if (d / layout.RECORD).exists():
-            try:
-                rec = publish.read_record(run, d.name)
-                add(d.relative_to(run) / layout.RECORD, "record", True,
-                    f"round {rec['round']}, shard {rec['shard']}, {rec['prior']}, recorded in manifest.json")
-            except CooptError as e:
-                add(d.relative_to(run) / layout.RECORD, "record", False, str(e).split(": ", 1)[-1])
-        for name in (layout.FEATURES, layout.SHARED, layout.UPLOAD):
-            path = d / name
-            rel = path.relative_to(run)
-            if not path.exists():
-                continue
-            for check, ok, detail in _check_file(path, name, plan, shard):
-                add(rel, check, ok, detail)
-            digest = file_sha256(path)
-            if name in man:
-                add(rel, "sha256", man[name] == digest, "matches manifest.json" if man[name] == digest
-                    else f"{digest[:12]} but manifest.json records {man[name][:12]}")
-            else:
-                add(rel, "sha256", False, "not recorded in manifest.json")
-    merged = run / "merged.h5"
-    if merged.exists():
-        for check, ok, detail in _check_file(merged, "merged store", None, None):
-            add("merged.h5", check, ok, detail)
-        try:
-            with h5py.File(merged, "r") as f:
-                inputs = json.loads(f.attrs["inputs"])
-            for rel, digest in inputs.items():
-                cur = file_sha256(run / rel) if (run / rel).exists() else None
-                add("merged.h5", f"input {rel}", cur == digest,
-                    "unchanged since merge" if cur == digest else "changed or missing since merge")
-        except (OSError, KeyError, ValueError) as e:
-            add("merged.h5", "inputs", False, f"cannot read the recorded inputs ({e})")
+        _check_participant(run, d, plan, add)
+    if layout.merged_path(run).exists():
+        _check_merged(run, add)
     for leftover in sorted(run.rglob("*.partial")) + sorted(run.rglob("*.lock")):
         add(leftover.relative_to(run), "leftover", True, "in progress, or left by a crash: rerun the command to finish")
     return {"run": str(run), "ok": all(c["ok"] for c in checks), "checks": checks}
+
+
+def _why(e: CooptError) -> str:
+    return str(e).split(": ", 1)[-1]  # the fault, without the path the table already names
+
+
+def _check_plan_file(run: Path, add) -> dict | None:
+    try:
+        plan = load_plan(run)
+    except CooptError as e:
+        add("plan.json", "parse", False, _why(e))
+        return None
+    add("plan.json", "parse", True, f"{plan['participants']} shards, |S| = {len(plan['shared'])}")
+    try:
+        plan_dataset(plan)
+        add("plan.json", "fingerprint", True, "data set unchanged since split")
+    except CooptError as e:
+        add("plan.json", "fingerprint", False, _why(e))
+    return plan
+
+
+def _check_participant(run: Path, d: Path, plan: dict | None, add) -> None:
+    """A participant's folder: its manifest, record and every store file against both."""
+    try:
+        man = store.read_manifest(d)
+    except CooptError as e:
+        add(d.relative_to(run) / "manifest.json", "parse", False, _why(e))
+        man = {}
+    shard = _shard_of(d)
+    if (d / layout.RECORD).exists():
+        try:
+            rec = publish.read_record(run, d.name)
+            add(d.relative_to(run) / layout.RECORD, "record", True,
+                f"round {rec['round']}, shard {rec['shard']}, {rec['prior']}, recorded in manifest.json")
+        except CooptError as e:
+            add(d.relative_to(run) / layout.RECORD, "record", False, _why(e))
+    for name in (layout.FEATURES, layout.SHARED, layout.UPLOAD):
+        path = d / name
+        rel = path.relative_to(run)
+        if not path.exists():
+            continue
+        for check, ok, detail in _check_file(path, name, plan, shard):
+            add(rel, check, ok, detail)
+        digest = file_sha256(path)
+        if name in man:
+            add(rel, "sha256", man[name] == digest, "matches manifest.json" if man[name] == digest
+                else f"{digest[:12]} but manifest.json records {man[name][:12]}")
+        else:
+            add(rel, "sha256", False, "not recorded in manifest.json")
+
+
+def _check_merged(run: Path, add) -> None:
+    """merged.h5 read back whole, its datasets' digests, and the uploads it was made from."""
+    merged = layout.merged_path(run)
+    for check, ok, detail in _check_file(merged, "merged store", None, None):
+        add("merged.h5", check, ok, detail)
+    try:
+        with h5py.File(merged, "r") as f:
+            inputs = json.loads(f.attrs["inputs"])
+        for rel, digest in inputs.items():
+            cur = file_sha256(run / rel) if (run / rel).exists() else None
+            add("merged.h5", f"input {rel}", cur == digest,
+                "unchanged since merge" if cur == digest else "changed or missing since merge")
+    except (OSError, KeyError, ValueError) as e:
+        add("merged.h5", "inputs", False, f"cannot read the recorded inputs ({e})")
 
 
 def _shard_of(folder: Path) -> int | None:
