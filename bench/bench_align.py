@@ -10,7 +10,7 @@ Inputs are what align feeds the op: float16 features [m_k, l_k], float32 maps [l
 targets. Bytes counted are the minimum the op must move: features read once, targets written
 once, maps read once. On CUDA it reports the fraction of HBM bandwidth and of dense fp16 tensor
 peak, and of the roofline max(bytes / HBM, flops / tensor peak): at n = 512 the op is
-tensor-bound (see kernels/align_apply.py), so 80% of HBM bandwidth is out of reach there.
+tensor-bound (see kernels/align_apply_triton.py), so 80% of HBM bandwidth is out of reach there.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def parse_case(case: str) -> list[tuple[int, int]]:
 def _child(spec: dict) -> None:
     import torch
 
-    from coopt_fast.kernels.align_apply import align_apply_triton
+    from coopt_fast.kernels.align_apply_triton import align_apply_triton
     from coopt_fast.kernels.reference import align_apply_ref
     from coopt_fast.kernels.torch_ops import align_apply_torch
 

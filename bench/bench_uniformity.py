@@ -195,7 +195,7 @@ def _child(spec: dict) -> None:
 
     from coopt_fast.kernels.reference import uniformity_ref
     from coopt_fast.kernels.torch_ops import uniformity_torch
-    from coopt_fast.kernels.uniformity import uniformity_triton
+    from coopt_fast.kernels.uniformity_triton import uniformity_triton
 
     fn = {"reference": uniformity_ref, "torch": uniformity_torch, "triton": uniformity_triton}[spec["provider"]]
     torch.manual_seed(0)

@@ -11,13 +11,8 @@ import os
 
 import torch
 
-# Import order matters: the submodules kernels/uniformity.py and kernels/align_apply.py share
-# their names with the public functions below, and the first import of a submodule rebinds the
-# package attribute to the module object. Importing them here, before the functions are
-# defined, leaves `coopt_fast.kernels.uniformity` a function whoever imports the submodules
-# later. They import triton only when a Triton kernel first runs, so this works without it.
-from . import align_apply as _align_mod  # noqa: E402
-from . import uniformity as _uniformity_mod  # noqa: E402
+from . import align_apply_triton as _align_mod
+from . import uniformity_triton as _uniformity_mod  # imports triton only when a Triton kernel first runs
 from .reference import align_apply_ref, uniformity_ref
 from .torch_ops import align_apply_torch, check_align_args, uniformity_torch
 

@@ -2,7 +2,7 @@
 
 Imports no triton. Each public function here has the exact signature of its fast
 counterpart in the dispatcher (`coopt_fast.kernels`); the fast CPU fallbacks are in
-torch_ops.py, the Triton kernels in uniformity.py and align_apply.py.
+torch_ops.py, the Triton kernels in uniformity_triton.py and align_apply_triton.py.
 """
 from __future__ import annotations
 

@@ -24,10 +24,10 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import coopt_fast.kernels as K  # noqa: E402
-from coopt_fast.kernels.align_apply import align_apply_triton  # noqa: E402
+from coopt_fast.kernels.align_apply_triton import align_apply_triton  # noqa: E402
 from coopt_fast.kernels.reference import align_apply_ref, uniformity_ref  # noqa: E402
 from coopt_fast.kernels.torch_ops import align_apply_torch, uniformity_torch  # noqa: E402
-from coopt_fast.kernels.uniformity import interpreting, uniformity_triton  # noqa: E402
+from coopt_fast.kernels.uniformity_triton import interpreting, uniformity_triton  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # where the Triton kernels can run in this session: compiled on CUDA, or interpreted on the CPU
@@ -231,7 +231,7 @@ def test_dispatcher_bad_mode_and_public_names(monkeypatch):
     monkeypatch.setenv("COOPT_KERNELS", "cuda")
     with pytest.raises(ValueError, match="COOPT_KERNELS='cuda'"):
         K.uniformity(torch.randn(10, 4))
-    # the submodules kernels/uniformity.py and kernels/align_apply.py must not shadow the functions
+    # the Triton modules (uniformity_triton, align_apply_triton) are named apart from the functions
     assert callable(K.uniformity) and callable(K.align_apply)
 
 

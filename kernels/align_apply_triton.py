@@ -32,9 +32,9 @@ from __future__ import annotations
 import torch
 
 from .torch_ops import check_align_args
-from .uniformity import interpreting, jit
+from .uniformity_triton import interpreting, jit
 
-tl = None  # bound by jit() on first use: triton is imported lazily (see uniformity.py)
+tl = None  # bound by jit() on first use: triton is imported lazily (see uniformity_triton.py)
 _FP16_MAX = 65504.0
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # group table columns: x pointer, x row stride, m_k, l_k, map row offset, output row offset
