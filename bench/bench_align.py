@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_uniformity import (  # noqa: E402  (shared machinery lives with the first benchmark)
+from harness import (  # noqa: E402
     H200_BF16_DENSE_TFLOPS,
     H200_HBM_TBPS,
     ROOT,

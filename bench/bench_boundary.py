@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_uniformity import ROOT, machine  # noqa: E402
+from harness import ROOT, machine  # noqa: E402
 
 PRIORS = {"alice": ("convnet", 0), "bob": ("convnet", 1), "carol": ("labels", 0)}
 

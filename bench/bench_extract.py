@@ -54,7 +54,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_uniformity import ROOT, machine, print_table, run_child, wait_quiet  # noqa: E402
+from harness import ROOT, machine, print_table, run_child, wait_quiet  # noqa: E402
 
 SCRATCH = ROOT / "bench" / "scratch"
 
