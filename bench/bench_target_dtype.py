@@ -33,7 +33,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from coopt_fast import codec  # noqa: E402
-from coopt_fast.align import align, score  # noqa: E402
+from coopt_fast.align import align  # noqa: E402
+from coopt_fast.ranking import score  # noqa: E402
 from coopt_fast.demo import DemoConfig, _extract_in_parallel, _prior_specs  # noqa: E402
 from coopt_fast.evaluate import probe  # noqa: E402
 from coopt_fast.loader import StoreLoader  # noqa: E402

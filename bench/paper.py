@@ -63,7 +63,8 @@ import torch  # noqa: E402
 
 import paper_report as R  # noqa: E402
 from coopt_fast import scores as prior_scores  # noqa: E402
-from coopt_fast.align import align, score  # noqa: E402
+from coopt_fast.align import align  # noqa: E402
+from coopt_fast.ranking import score  # noqa: E402
 from coopt_fast.data import Dataset, load_dataset  # noqa: E402
 from coopt_fast.demo import _extract_in_parallel  # noqa: E402
 from coopt_fast.diagnostics import inspect  # noqa: E402

@@ -19,7 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .align import align, score
+from .align import align
+from .ranking import score
 from .diagnostics import inspect
 from .errors import CooptError
 from .merge import merge

@@ -32,7 +32,7 @@ import torch
 from . import codec, layout, remote, store
 from .errors import CooptError, disk_guard
 from .plan import load_plan, plan_dataset
-from .priors import file_sha256
+from .store import file_sha256
 from .progress import bar
 
 MAX_IMAGE_BYTES = 4 << 30   # hold images in the store up to 4 GiB (ImageNet-size data stays in its files)

@@ -23,7 +23,6 @@ NaN features.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import numbers
@@ -36,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import CooptError, disk_guard
+from .store import file_sha256  # checkpoints are hashed as store files are (and importers find it here)
 
 # Defaults when a checkpoint records no preprocessing. ImageNet statistics for the torchvision
 # architectures (what their published weights expect); a symmetric 0.5/0.5 for convnet.
@@ -121,14 +121,6 @@ def build_backbone(arch: str, input_size: int | None = None, seed: int = 0) -> t
             raise CooptError(f"{arch}: cannot be built for input size {input_size} ({e})") from None
         head, dim = _replace_last_linear(m)
         return m, dim, head
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:

@@ -26,7 +26,7 @@ import torch
 from . import layout, store
 from . import scores as prior_scores
 from .errors import CooptError, disk_guard
-from .priors import file_sha256
+from .store import file_sha256
 
 RECORD_VERSION = 1
 RECORD_KEYS = {"participant": str, "round": int, "shard": int, "prior": str, "feature_dim": int, "rows": int,

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from . import layout, store
 from .errors import CooptError, WaitingError
-from .priors import file_sha256
+from .store import file_sha256
 
 
 def is_remote(run) -> bool:

@@ -358,13 +358,19 @@ class Lock:
         self.path.unlink(missing_ok=True)
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_manifest(folder: Path, filename: str) -> str:
     """Record sha256 of a published file in folder/manifest.json (atomically); returns it.
 
     The participant writes it; merge and verify check uploads against it.
     """
-    from .priors import file_sha256
-
     digest = file_sha256(folder / filename)
     man = folder / "manifest.json"
     data = read_manifest(folder)

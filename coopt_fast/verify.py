@@ -20,7 +20,7 @@ import numpy as np
 from . import layout, publish, remote, store
 from .errors import CooptError
 from .plan import load_plan, plan_dataset
-from .priors import file_sha256
+from .store import file_sha256
 
 def _read_all(f: h5py.File, digests: dict | None = None) -> list[str]:
     """Read every dataset in blocks (checksums verified by HDF5); names of non-finite float datasets.
