@@ -40,10 +40,9 @@ COPY_BLOCK_ROWS = 65536
 
 
 # stats/sum and stats/sumsq against the targets they summarise, relative to the column's sum of
-# |y| (of y^2 for sumsq). Both sides sum the same decoded values (fp16/bf16 exact in fp32; int8
-# decoded as the loader does); align adds them up in fp32 blocks before fp64, which measured
-# <= 2e-7 of sum |y| at 1M x 8 and 16k x 512. 1e-4 is 500x that, and a store mean/std off by
-# 1e-4 of the mean |y| changes nothing the student sees; a wrong or stale statistic is far off.
+# |y| (of y^2 for sumsq). Both sides sum the same decoded values; align's fp32 block sums differ by
+# <= 2e-7 of sum |y|, so 1e-4 leaves a 500x margin, and a mean/std off by 1e-4 changes nothing the
+# student sees, while a wrong or stale statistic is far off.
 STATS_RTOL = 1e-4
 CHECK_BLOCK_VALUES = 1 << 22  # targets decoded per step of that check: 16 MiB of float32 (of 1-64 MiB, the fastest)
 MAX_ROUND = 2**31 - 1

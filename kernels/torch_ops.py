@@ -164,11 +164,8 @@ def align_apply_torch(
         return align_apply_ref(xs, maps, out_dtype)
     dev = maps[0].device
     if block_rows is None:
-        # 32 MiB fp32 output block (n = 512 -> 16384 rows): the L3 size of the machine this was
-        # tuned on. Single-thread CPU time is flat from 256 to 8192 rows (half the reference's);
-        # what the block size decides is the number of parallel regions (6 per block, each
-        # ending in an OpenMP barrier): on a busy 2-core machine 2048-row blocks ran 2x slower
-        # than the reference, 32768-row blocks 1.7x faster.
+        # 32 MiB fp32 output blocks (n = 512 -> 16384 rows): few, large parallel regions, since
+        # each ends in an OpenMP barrier that a busy machine turns into a scheduler quantum.
         block_rows = max(64, (1 << 23) // max(n, 1))
     s = torch.zeros(len(xs), n, dtype=torch.float64, device=dev)
     ss = torch.zeros(len(xs), n, dtype=torch.float64, device=dev)
