@@ -19,12 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .align import align
-from .ranking import score
-from .diagnostics import inspect
 from .errors import CooptError
-from .merge import merge
-from .plan import split
 
 PRIOR_KINDS = ("supervised", "byol", "simclr", "weak", "random", "labels")
 
@@ -130,7 +125,12 @@ def _extract_in_parallel(run: Path, jobs: list[tuple[str, int, str, int]], log_d
 
 
 def demo(cfg: DemoConfig, progress: bool = True) -> dict:
+    from .align import align  # the steps, imported when the demo runs (not for --help)
+    from .diagnostics import inspect
     from .evaluate import probe
+    from .merge import merge
+    from .plan import split
+    from .ranking import score
     from .ssl import pretrain
     from .student import train
 

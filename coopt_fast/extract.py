@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from . import layout, publish, remote, store
+from .store import open_live, shard_of  # noqa: F401 (status and tests read partial files with them)
 from .decode import batches, choose_decoder, decode_job
 from .errors import CooptError, DiskFullError
 from .plan import check_seed, load_plan, plan_dataset, shard_indices
@@ -279,28 +280,6 @@ def shard_holder(run: str | Path, shard: int, participant: str | None = None) ->
             if json.loads((d / layout.RECORD).read_bytes()).get("shard") == shard:  # its workspace is elsewhere
                 return d / layout.RECORD
     return None
-
-
-def open_live(path: Path) -> h5py.File:
-    """Open a features file another process may be writing, without its lock. Plainly first: a
-    damaged file fails at once. In SWMR read mode only where HDF5 says an SWMR writer has it open
-    (or had, before a kill -9): SWMR reads retry a bad checksum for minutes, not once."""
-    try:
-        return h5py.File(path, "r", locking=False)
-    except OSError as e:
-        if "already open for write" not in str(e):  # HDF5's words for the SWMR writer's flag
-            raise
-    return h5py.File(path, "r", libver="latest", swmr=True, locking=False)
-
-
-def shard_of(path: Path) -> int | None:
-    """The `shard` attribute of a features file, or None if it cannot be read (a partial that its
-    writer holds open before SWMR, or a damaged file, is skipped)."""
-    try:
-        with open_live(path) as f:
-            return int(f.attrs["shard"])
-    except (OSError, KeyError, TypeError, ValueError):
-        return None
 
 
 def _locked(job: Job) -> dict:

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from . import layout, store
 from . import scores as prior_scores
@@ -36,6 +35,8 @@ RECORD_KEYS = {"participant": str, "round": int, "shard": int, "prior": str, "fe
 
 def record_of(features: Path, digest: str) -> dict:
     """The record of a whole features.h5 whose sha256 is `digest` (scores from its rows of S)."""
+    import torch  # here, not at the top: status and verify read records without torch
+
     with store.open_complete(features, "features") as f:
         ok = store.decoded_on_s(f)
         fs = torch.from_numpy(f["shared/features"][:][ok].astype(np.float32))
@@ -120,7 +121,7 @@ def write_shared(run: str | Path, name: str, identity: dict, index: np.ndarray, 
         store.write_manifest(path.parent, layout.SHARED)
 
 
-def read_shared(run: str | Path, name: str, identity: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+def read_shared(run: str | Path, name: str, identity: dict) -> tuple["torch.Tensor", "torch.Tensor"] | None:
     """(values, rows of S decoded) of NAME's published shared.h5 when it is exactly `identity`
     (and its manifest vouches for it); None when there is none or it is another one (another
     dim, round or kind: not what this alignment needs)."""
@@ -138,4 +139,6 @@ def read_shared(run: str | Path, name: str, identity: dict) -> tuple[torch.Tenso
         if v.shape != (rows, dim) or not np.isfinite(v).all():
             raise CooptError(f"{path}: values must be finite with shape ({rows}, {dim}), got {v.shape}")
         ok = ~np.isin(f["index"][:], f["skipped"][:])
+        import torch
+
         return torch.from_numpy(v.astype(np.float32)), torch.from_numpy(ok)

@@ -17,7 +17,6 @@ chosen, and why").
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 DEFAULT_SCORE = "uniformity-centred"
 # name -> sign: +1 when lower is better (sorted ascending), -1 when higher is better
@@ -40,7 +39,7 @@ def effective_rank(x) -> float:
 
 def compute(fs: torch.Tensor, name: str) -> float:
     """One score of the features on S (rows that failed to decode already removed)."""
-    from .kernels import uniformity
+    from .kernels import uniformity  # imports torch: only when a score is computed
 
     if name not in SCORES:
         raise ValueError(f"unknown score {name!r}; choose from {', '.join(SCORES)}")

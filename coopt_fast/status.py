@@ -17,7 +17,7 @@ import h5py
 
 from . import layout, publish, remote, store
 from .errors import CooptError
-from .extract import open_live, shard_of
+from .store import open_live, shard_of
 from .plan import load_plan
 
 

@@ -276,6 +276,28 @@ def check_room(path: Path, need: int) -> None:
         raise DiskFullError(f"{path}: disk full: needs {need / 2**20:.1f} MiB, only {room / 2**20:.1f} MiB of disk or file size limit left")
 
 
+def open_live(path: Path) -> h5py.File:
+    """Open a features file another process may be writing, without its lock. Plainly first: a
+    damaged file fails at once. In SWMR read mode only where HDF5 says an SWMR writer has it open
+    (or had, before a kill -9): SWMR reads retry a bad checksum for minutes, not once."""
+    try:
+        return h5py.File(path, "r", locking=False)
+    except OSError as e:
+        if "already open for write" not in str(e):  # HDF5's words for the SWMR writer's flag
+            raise
+    return h5py.File(path, "r", libver="latest", swmr=True, locking=False)
+
+
+def shard_of(path: Path) -> int | None:
+    """The `shard` attribute of a features file, or None if it cannot be read (a partial that its
+    writer holds open before SWMR, or a damaged file, is skipped)."""
+    try:
+        with open_live(path) as f:
+            return int(f.attrs["shard"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _proc_start(pid: int) -> str:
     """Process start time (Linux /proc), so a recycled pid is not mistaken for the writer."""
     try:
