@@ -25,6 +25,21 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from coopt_fast import __version__
+
+        print(f"coopt-fast {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="print the version and exit")) -> None:
+    """coopt-fast: collaborative data optimization (COOPT) — split a data set among participants,
+    turn each shard into targets with a prior model, align, merge, and train a student on them."""
+
+
 def _quiet_disk_full(unraisable, _default=sys.unraisablehook):
     """After a failed write h5py's objects fail again as they are garbage-collected ("Exception
     ignored in ObjectID.__dealloc__"); the one-line DiskFullError already said it all."""
