@@ -33,7 +33,7 @@ from .loader import read_images
 from .plan import check_seed
 from .priors import Prior, load_prior, preprocess, read_checkpoint
 from .progress import bar
-from .student import autocast, resolve_device
+from .training import autocast, resolve_device
 
 
 @dataclass

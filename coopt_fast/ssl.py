@@ -22,7 +22,7 @@ both pull in pytorch-lightning, hydra and more for a few lines of math.
 Output: OUT is the backbone checkpoint (save_checkpoint, meta: arch, input_size, mean, std,
 method, epochs, data, seed, ...), usable as `extract --prior ARCH:OUT` and by `probe`.
 OUT.state.pt holds what --resume needs; OUT.log.jsonl one line per epoch. The loop, device
-handling, budgets and bitwise-exact resume are student.fit's.
+handling, budgets and bitwise-exact resume are training.py's (fit).
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ from .errors import CooptError
 from .loader import epoch_permutation, read_images
 from .priors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, build_backbone, save_checkpoint
 from .store import VERSION
-from .student import (autocast, default_input_size, default_norm, fit, lr_factor,
-                      maybe_compile, param_groups, resolve_device, resume, rng_state, save_state, write_log,
-                      check_budget, check_out, clear_out)
+from .training import (autocast, check_budget, check_out, clear_out, default_input_size, default_norm, fit,
+                       lr_factor, maybe_compile, param_groups, resolve_device, resume, rng_state, save_state,
+                       write_log)
 
 METHODS = ("supervised", "byol", "simclr")
 

@@ -1,0 +1,309 @@
+"""The training toolkit shared by student.train, ssl.pretrain and evaluate.probe.
+
+  device      resolve_device ('auto', cuda checks, CPU denormals), autocast, maybe_compile
+  options     check_budget (sizes, budgets, seed, lr, wd), default input size and normalisation
+  optimiser   param_groups (no decay on norms and biases), lr_factor (warmup + cosine)
+  output      check_out / clear_out (--resume, --force), save_state / load_state / resume
+              (OUT's resume state, written to a tmp file and renamed), write_log, plot_curve
+  fit         the epoch/step loop: budgets, progress, snapshots and resume bookkeeping
+
+Every random draw comes from a torch.Generator that the state saves, so on the CPU a resumed run
+is bitwise equal to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from .errors import CooptError, disk_guard
+from .priors import (CONVNET_MEAN, CONVNET_STD, DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, MAX_INPUT_SIZE,
+                     MIN_INPUT_SIZE, SMALL_ARCHS)
+from .progress import bar
+
+WARMUP_FRACTION = 0.05  # of all planned steps; short runs need a short warmup
+MAX_SEED = 2**32 - 1    # epoch_permutation seeds with seed * 1_000_003 + epoch: stays inside torch's 64-bit range
+
+
+# ---- device --------------------------------------------------------------------------------
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda if present; refuses cuda without a GPU. CPU: flush denormals (BN/Adam
+    produce them late in training, and x86 runs them ~100x slower)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise CooptError(f"--device {device!r}: unknown device (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CooptError(f"--device {device!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise CooptError(f"--device {device!r}: unsupported device (use cpu, cuda, cuda:N or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise CooptError(f"--device {device!r}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0.."
+                         f"cuda:{torch.cuda.device_count() - 1}")
+    if dev.type == "cpu":
+        torch.set_flush_denormal(True)
+    return dev
+
+
+def autocast(dev: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+
+
+def maybe_compile(module: nn.Module, dev: torch.device, compile: bool):
+    """torch.compile on CUDA only: on the CPU, Inductor's compile time (~1 min) exceeds what it saves."""
+    return torch.compile(module) if compile and dev.type == "cuda" else module
+
+
+# ---- options -------------------------------------------------------------------------------
+
+def default_input_size(arch: str, image_shape) -> int:
+    """convnet, linear: the images' side rounded up to a multiple of 32 (28 -> 32); others: priors default."""
+    if arch in SMALL_ARCHS and image_shape:
+        return max(32, -(-max(image_shape[:2]) // 32) * 32)
+    return DEFAULT_INPUT_SIZE.get(arch, 224)
+
+
+def default_norm(arch: str) -> tuple[tuple, tuple]:
+    return (CONVNET_MEAN, CONVNET_STD) if arch in SMALL_ARCHS else (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def check_budget(cfg) -> None:
+    """Options shared by train and pretrain: sizes and budgets, when set, positive and finite;
+    the seed and the input size within what the generators and memory take."""
+    for flag, v in (("--input-size", cfg.input_size), ("--max-steps", cfg.max_steps), ("--max-seconds", cfg.max_seconds)):
+        if v is not None and (v <= 0 or not math.isfinite(v)):
+            raise CooptError(f"{flag} must be > 0, got {v}")
+    if cfg.input_size is not None and not MIN_INPUT_SIZE <= cfg.input_size <= MAX_INPUT_SIZE:
+        raise CooptError(f"--input-size must be in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}] px, got {cfg.input_size}")
+    if not 0 <= cfg.snapshots <= 1000:
+        raise CooptError(f"--snapshots must be in [0, 1000], got {cfg.snapshots}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise CooptError(f"--seed must be in [0, {MAX_SEED}], got {cfg.seed}")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise CooptError(f"--lr must be a finite number > 0, got {cfg.lr}")
+    if cfg.wd is not None and not (math.isfinite(cfg.wd) and cfg.wd >= 0):
+        raise CooptError(f"--wd must be a finite number >= 0, got {cfg.wd}")
+
+
+# ---- optimiser -----------------------------------------------------------------------------
+
+def param_groups(modules: Iterable[nn.Module], wd: float) -> list[dict]:
+    """Weight decay on weight matrices/kernels only: decaying BN scales and biases only hurts."""
+    decay, no_decay = [], []
+    for m in modules:
+        for p in m.parameters():
+            if p.requires_grad:
+                (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(progress: float, warmup: float = WARMUP_FRACTION) -> float:
+    """Linear warmup over the first `warmup` of training, then cosine decay to 0."""
+    if progress < warmup:
+        return (progress + 1e-9) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup))))
+
+
+# ---- output: OUT's files and the resume state ------------------------------------------------
+
+def check_out(marks: list[Path], resume: bool, force: bool) -> None:
+    """An output that already holds a started or finished run (any of `marks`: the checkpoint, the
+    resume state) is only continued (--resume) or started over (--force), never overwritten by
+    accident."""
+    if resume and force:
+        raise CooptError("--resume and --force: choose one (continue the run in the output, or start it over)")
+    found = next((p for p in marks if p.exists()), None)
+    if found is not None and not (resume or force):
+        raise CooptError(f"{found}: holds a started or finished run; use --resume to continue it or --force to start over")
+
+
+def clear_out(paths: Iterable[Path]) -> None:
+    """--force: remove the old run's files before training, so that a crash before the first save
+    cannot leave its state for --resume to continue, nor its snapshots beside the new ones."""
+    for p in paths:
+        p.unlink(missing_ok=True)
+
+
+def save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with disk_guard(path):
+            torch.save(state, tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)  # atomic: a crash leaves the previous epoch's state
+
+
+def load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CooptError(f"{path}: unreadable training state ({str(e).strip().splitlines()[0][:200]})") from None
+
+
+def check_resume(path: Path, saved: dict, current: dict) -> None:
+    """Resume must continue the same run: refuse changed settings, naming them."""
+    diff = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diff:
+        raise CooptError(f"{path}: cannot resume, settings differ ({'; '.join(diff)}); drop --resume to start over")
+
+
+def resume(state_path: Path, identity: dict, model: nn.Module, opt, gen: torch.Generator) -> dict | None:
+    """Restore model, optimizer and augmentation RNG from state_path; the saved loop, or None."""
+    if not state_path.exists():
+        return None
+    st = load_state(state_path)
+    check_resume(state_path, st["identity"], identity)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    gen.set_state(st["aug_rng"])
+    return st["loop"]
+
+
+def rng_state(g: torch.Generator) -> torch.Tensor:
+    return g.get_state().cpu()
+
+
+def write_log(path: Path, log: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in log))
+    os.replace(tmp, path)
+
+
+def plot_curve(path: Path, trace: list, log: list[dict], steps_per_epoch: int, title: str) -> None:
+    """Loss vs epoch (Agg canvas, no pyplot: no global backend state, safe in threads/tests)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if trace:
+        ax.plot([s / steps_per_epoch for s, _ in trace], [v for _, v in trace], lw=1, alpha=0.6, label="steps")
+    if log:
+        ax.plot([r["epoch"] for r in log], [r["loss"] for r in log], "o-", label="epoch mean")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+
+
+# ---- fit: the epoch/step loop --------------------------------------------------------------
+
+def fit(*, what: str, epochs: int, steps_per_epoch: int, batch_size: int,
+        batches: Callable[[int, int], Iterable], step: Callable[[object, float], torch.Tensor],
+        save: Callable[[dict], None], loop: dict | None = None, max_seconds: float | None = None,
+        max_steps: int | None = None, progress: bool = True, sync_every: int = 10,
+        snapshots: int = 0, snapshot: Callable[[int, dict], str] | None = None) -> dict:
+    """The epoch/step loop shared by train and pretrain.
+
+    batches(epoch, start_batch) yields the epoch's batches from start_batch on; step(batch, p)
+    runs one optimizer step at schedule position p in [0, 1] and returns the detached loss;
+    save(loop) persists model + loop state (at each epoch end, and when a budget stops the run).
+    With max_seconds, p = max(step fraction, time fraction) so the schedule anneals within the
+    budget. With snapshots = N, snapshot(k, loop) saves a copy of the backbone when p first
+    reaches k/N (k < N) and once more when the run ends (k = N): accuracy-vs-time curves from
+    one run. Snapshot saving is kept off the clock (it is measurement, not training).
+    Returns the loop dict: epoch, batch, step, log, trace, snapshots, elapsed (training seconds
+    over all calls), stopped, run_seconds, run_samples.
+    """
+    loop = dict(loop or {"epoch": 0, "batch": 0, "step": 0, "log": [], "trace": [],
+                         "part": {"loss": 0.0, "steps": 0, "seconds": 0.0, "samples": 0}})
+    loop.setdefault("snapshots", [])
+    total_steps = max(1, epochs * steps_per_epoch)
+    start = time.perf_counter()
+    elapsed0 = loop.get("elapsed", 0.0)  # training seconds of earlier (resumed) calls
+    run_samples = 0
+
+    def take_snapshot(k: int) -> None:
+        nonlocal start
+        t = time.perf_counter()
+        seconds = elapsed0 + t - start
+        path = snapshot(k, loop)
+        loop["snapshots"].append({"k": k, "of": snapshots, "step": loop["step"], "seconds": seconds,
+                                  "samples": loop["step"] * batch_size, "path": str(path)})
+        start += time.perf_counter() - t  # off the clock, and off the max_seconds budget
+    stopped = "max_steps" if max_steps is not None and loop["step"] >= max_steps else "epochs"
+    remaining = max(0, total_steps - loop["step"]) * batch_size
+    with bar(what, remaining, enabled=progress) as advance:
+        while loop["epoch"] < epochs and stopped == "epochs":
+            e = loop["epoch"]
+            part = loop["part"]
+            t_epoch, acc, window = time.perf_counter(), None, 0
+            for batch in batches(e, loop["batch"]):
+                p = loop["step"] / total_steps
+                if max_seconds:
+                    p = max(p, (time.perf_counter() - start) / max_seconds)
+                loss = step(batch, min(1.0, p))
+                acc = loss if acc is None else acc + loss
+                window += 1
+                loop["step"] += 1
+                loop["batch"] += 1
+                run_samples += batch_size
+                part["samples"] += batch_size
+                if window == sync_every or loop["batch"] == steps_per_epoch:
+                    v = acc.item()  # the only host sync: every sync_every steps
+                    if not math.isfinite(v):
+                        raise CooptError(f"{what}: loss became {v} at step {loop['step']} (non-finite inputs or "
+                                         "targets, or a learning rate too high); nothing more was saved")
+                    part["loss"] += v
+                    part["steps"] += window
+                    loop["trace"].append([loop["step"], v / window])
+                    advance(window * batch_size, info=f"epoch {e + 1}/{epochs} loss {v / window:.4f}")
+                    acc, window = None, 0
+                k = len(loop["snapshots"]) + 1
+                if snapshots and k < snapshots:
+                    p_now = loop["step"] / total_steps
+                    if max_seconds:
+                        p_now = max(p_now, (time.perf_counter() - start) / max_seconds)
+                    if p_now >= k / snapshots:
+                        take_snapshot(k)
+                if max_steps is not None and loop["step"] >= max_steps:
+                    stopped = "max_steps"
+                elif max_seconds and time.perf_counter() - start >= max_seconds:
+                    stopped = "max_seconds"
+                if stopped != "epochs":
+                    break
+            if acc is not None:
+                v = acc.item()
+                part["loss"] += v
+                part["steps"] += window
+                loop["trace"].append([loop["step"], v / window])
+            part["seconds"] += time.perf_counter() - t_epoch
+            if loop["batch"] >= steps_per_epoch:  # epoch complete
+                loop["log"].append({
+                    "epoch": e + 1, "loss": part["loss"] / max(1, part["steps"]), "seconds": part["seconds"],
+                    "samples_per_s": part["samples"] / max(1e-9, part["seconds"]), "steps": loop["step"],
+                    "lr_factor": lr_factor(min(1.0, loop["step"] / total_steps)),
+                })
+                loop.update(epoch=e + 1, batch=0, part={"loss": 0.0, "steps": 0, "seconds": 0.0, "samples": 0})
+            # The run's end is snapshot N: all epochs done, or the time budget (the schedule annealed
+            # within it). A max_steps stop is a cut that --resume continues, so it is not an end.
+            last = loop["epoch"] >= epochs or stopped == "max_seconds"
+            if last and snapshots and len(loop["snapshots"]) < snapshots:
+                take_snapshot(snapshots)
+            loop["elapsed"] = elapsed0 + time.perf_counter() - start
+            save(loop)
+    if snapshots and len(loop["snapshots"]) < snapshots and loop["epoch"] >= epochs:
+        take_snapshot(snapshots)  # resumed a finished run that was trained without snapshots
+    loop["stopped"] = stopped
+    loop["run_seconds"] = time.perf_counter() - start
+    loop["elapsed"] = elapsed0 + loop["run_seconds"]
+    loop["run_samples"] = run_samples
+    return loop
