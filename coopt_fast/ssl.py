@@ -41,9 +41,9 @@ from .errors import CooptError
 from .loader import epoch_permutation, read_images
 from .priors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, build_backbone, save_checkpoint
 from .store import VERSION
-from .training import (autocast, check_budget, check_out, clear_out, default_input_size, default_norm, fit,
-                       lr_factor, maybe_compile, param_groups, resolve_device, resume, rng_state, save_state,
-                       write_log)
+from .training import (FitOptions, autocast, check_budget, check_out, clear_out, default_input_size, default_norm,
+                       fit, last_loss, lr_factor, maybe_compile, param_groups, resolve_device, resume, rng_state,
+                       save_state, write_log)
 
 METHODS = ("supervised", "byol", "simclr")
 
@@ -252,18 +252,18 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
 
     out.parent.mkdir(parents=True, exist_ok=True)
     model.train()
-    loop = fit(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, batch_size=bs,
-               batches=batches, step=step, save=save, loop=loop, max_seconds=cfg.max_seconds,
-               max_steps=cfg.max_steps, progress=cfg.progress, snapshots=cfg.snapshots, snapshot=snapshot)
+    opts = FitOptions(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
+                      batch_size=bs, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps, progress=cfg.progress,
+                      snapshots=cfg.snapshots)
+    loop = fit(opts, batches, step, save, loop, snapshot)
     if not out.exists():
         save(loop)
-    last = loop["log"][-1]["loss"] if loop["log"] else (loop["trace"][-1][1] if loop["trace"] else float("nan"))
     return {
         "checkpoint": str(out), "state": str(state_path), "log": str(log_path), "method": cfg.method,
         "arch": cfg.arch, "input_size": size, "device": str(dev), "compiled": loss_fn is not model,
         "samples": len(pool), "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"],
         "resumed": resumed, "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"],
-        "samples_per_s": loop["run_samples"] / max(1e-9, loop["run_seconds"]), "loss": last,
+        "samples_per_s": loop["run_samples"] / max(1e-9, loop["run_seconds"]), "loss": last_loss(loop),
         "snapshots": loop["snapshots"],
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")},
     }

@@ -39,9 +39,9 @@ from .errors import CooptError
 from .loader import StoreLoader, resolve_store
 from .priors import build_backbone, save_checkpoint
 from .store import VERSION
-from .training import (autocast, check_budget, check_out, clear_out, default_input_size, default_norm, fit,
-                       lr_factor, maybe_compile, param_groups, plot_curve, resolve_device, resume, rng_state,
-                       save_state, write_log)
+from .training import (FitOptions, autocast, check_budget, check_out, clear_out, default_input_size, default_norm,
+                       fit, last_loss, lr_factor, maybe_compile, param_groups, plot_curve, resolve_device, resume,
+                       rng_state, save_state, write_log)
 # The toolkit's other names, still importable from here (cli, extract, demo, bench and tests import from student).
 from .training import MAX_SEED, WARMUP_FRACTION, check_resume, load_state  # noqa: F401
 
@@ -164,21 +164,21 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
         return path
 
     model.train()
-    loop = fit(what="train", epochs=cfg.epochs, steps_per_epoch=len(loader), batch_size=min(cfg.batch_size, loader.n),
-               batches=batches, step=step, save=save, loop=loop, max_seconds=cfg.max_seconds,
-               max_steps=cfg.max_steps, progress=cfg.progress, snapshots=cfg.snapshots, snapshot=snapshot)
+    opts = FitOptions(what="train", epochs=cfg.epochs, steps_per_epoch=len(loader),
+                      batch_size=min(cfg.batch_size, loader.n), max_seconds=cfg.max_seconds,
+                      max_steps=cfg.max_steps, progress=cfg.progress, snapshots=cfg.snapshots)
+    loop = fit(opts, batches, step, save, loop, snapshot)
     if not ckpt_path.exists():  # resumed a finished run: fit saved nothing
         save(loop)
     rate = loop["run_samples"] / max(1e-9, loop["run_seconds"])
     plot_curve(out_dir / "curve.png", loop["trace"], loop["log"], len(loader),
                f"coopt student {cfg.student} on {store.name}")
-    last = loop["log"][-1]["loss"] if loop["log"] else (loop["trace"][-1][1] if loop["trace"] else float("nan"))
     return {
         "checkpoint": str(ckpt_path), "state": str(state_path), "log": str(out_dir / "train.jsonl"),
         "curve": str(out_dir / "curve.png"), "student": cfg.student, "input_size": size, "device": str(dev),
         "compiled": forward is not model, "store_on_device": loader.resident, "rows": loader.n, "target_dim": loader.dim,
         "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"], "resumed": resumed,
-        "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"], "samples_per_s": rate, "loss": last,
+        "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"], "samples_per_s": rate, "loss": last_loss(loop),
         "snapshots": loop["snapshots"],
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("run", "out", "progress")},
     }

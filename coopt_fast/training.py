@@ -13,10 +13,12 @@ is bitwise equal to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -206,11 +208,40 @@ def plot_curve(path: Path, trace: list, log: list[dict], steps_per_epoch: int, t
 
 # ---- fit: the epoch/step loop --------------------------------------------------------------
 
-def fit(*, what: str, epochs: int, steps_per_epoch: int, batch_size: int,
-        batches: Callable[[int, int], Iterable], step: Callable[[object, float], torch.Tensor],
-        save: Callable[[dict], None], loop: dict | None = None, max_seconds: float | None = None,
-        max_steps: int | None = None, progress: bool = True, sync_every: int = 10,
-        snapshots: int = 0, snapshot: Callable[[int, dict], str] | None = None) -> dict:
+@dataclass(frozen=True)
+class FitOptions:
+    what: str                          # names the run in the progress bar and in errors
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int                    # samples per step (counts samples; batches come from `batches`)
+    max_seconds: float | None = None   # wall-clock budget of this call; the schedule anneals within it
+    max_steps: int | None = None       # optimizer steps in all, over resumed calls too
+    progress: bool = True
+    sync_every: int = 10               # steps between host syncs (loss .item())
+    snapshots: int = 0                 # N backbone copies at evenly spaced points of the schedule
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.epochs * self.steps_per_epoch)
+
+
+@dataclass
+class _Clock:
+    """This call's training time: snapshot saving is moved off it (and so off max_seconds)."""
+    elapsed0: float  # training seconds of earlier (resumed) calls
+    start: float = field(default_factory=time.perf_counter)
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _new_part() -> dict:
+    return {"loss": 0.0, "steps": 0, "seconds": 0.0, "samples": 0}
+
+
+def fit(opts: FitOptions, batches: Callable[[int, int], Iterable], step: Callable[[object, float], torch.Tensor],
+        save: Callable[[dict], None], loop: dict | None = None,
+        snapshot: Callable[[int, dict], str] | None = None) -> dict:
     """The epoch/step loop shared by train and pretrain.
 
     batches(epoch, start_batch) yields the epoch's batches from start_batch on; step(batch, p)
@@ -223,87 +254,108 @@ def fit(*, what: str, epochs: int, steps_per_epoch: int, batch_size: int,
     Returns the loop dict: epoch, batch, step, log, trace, snapshots, elapsed (training seconds
     over all calls), stopped, run_seconds, run_samples.
     """
-    loop = dict(loop or {"epoch": 0, "batch": 0, "step": 0, "log": [], "trace": [],
-                         "part": {"loss": 0.0, "steps": 0, "seconds": 0.0, "samples": 0}})
+    loop = dict(loop or {"epoch": 0, "batch": 0, "step": 0, "log": [], "trace": [], "part": _new_part()})
     loop.setdefault("snapshots", [])
-    total_steps = max(1, epochs * steps_per_epoch)
-    start = time.perf_counter()
-    elapsed0 = loop.get("elapsed", 0.0)  # training seconds of earlier (resumed) calls
-    run_samples = 0
-
-    def take_snapshot(k: int) -> None:
-        nonlocal start
-        t = time.perf_counter()
-        seconds = elapsed0 + t - start
-        path = snapshot(k, loop)
-        loop["snapshots"].append({"k": k, "of": snapshots, "step": loop["step"], "seconds": seconds,
-                                  "samples": loop["step"] * batch_size, "path": str(path)})
-        start += time.perf_counter() - t  # off the clock, and off the max_seconds budget
-    stopped = "max_steps" if max_steps is not None and loop["step"] >= max_steps else "epochs"
-    remaining = max(0, total_steps - loop["step"]) * batch_size
-    with bar(what, remaining, enabled=progress) as advance:
-        while loop["epoch"] < epochs and stopped == "epochs":
-            e = loop["epoch"]
-            part = loop["part"]
-            t_epoch, acc, window = time.perf_counter(), None, 0
-            for batch in batches(e, loop["batch"]):
-                p = loop["step"] / total_steps
-                if max_seconds:
-                    p = max(p, (time.perf_counter() - start) / max_seconds)
-                loss = step(batch, min(1.0, p))
-                acc = loss if acc is None else acc + loss
-                window += 1
-                loop["step"] += 1
-                loop["batch"] += 1
-                run_samples += batch_size
-                part["samples"] += batch_size
-                if window == sync_every or loop["batch"] == steps_per_epoch:
-                    v = acc.item()  # the only host sync: every sync_every steps
-                    if not math.isfinite(v):
-                        raise CooptError(f"{what}: loss became {v} at step {loop['step']} (non-finite inputs or "
-                                         "targets, or a learning rate too high); nothing more was saved")
-                    part["loss"] += v
-                    part["steps"] += window
-                    loop["trace"].append([loop["step"], v / window])
-                    advance(window * batch_size, info=f"epoch {e + 1}/{epochs} loss {v / window:.4f}")
-                    acc, window = None, 0
-                k = len(loop["snapshots"]) + 1
-                if snapshots and k < snapshots:
-                    p_now = loop["step"] / total_steps
-                    if max_seconds:
-                        p_now = max(p_now, (time.perf_counter() - start) / max_seconds)
-                    if p_now >= k / snapshots:
-                        take_snapshot(k)
-                if max_steps is not None and loop["step"] >= max_steps:
-                    stopped = "max_steps"
-                elif max_seconds and time.perf_counter() - start >= max_seconds:
-                    stopped = "max_seconds"
-                if stopped != "epochs":
-                    break
-            if acc is not None:
-                v = acc.item()
-                part["loss"] += v
-                part["steps"] += window
-                loop["trace"].append([loop["step"], v / window])
-            part["seconds"] += time.perf_counter() - t_epoch
-            if loop["batch"] >= steps_per_epoch:  # epoch complete
-                loop["log"].append({
-                    "epoch": e + 1, "loss": part["loss"] / max(1, part["steps"]), "seconds": part["seconds"],
-                    "samples_per_s": part["samples"] / max(1e-9, part["seconds"]), "steps": loop["step"],
-                    "lr_factor": lr_factor(min(1.0, loop["step"] / total_steps)),
-                })
-                loop.update(epoch=e + 1, batch=0, part={"loss": 0.0, "steps": 0, "seconds": 0.0, "samples": 0})
+    clock, step0 = _Clock(loop.get("elapsed", 0.0)), loop["step"]
+    take_snapshot = functools.partial(_take_snapshot, opts, loop, clock, snapshot)  # k -> None
+    stopped = "max_steps" if opts.max_steps is not None and loop["step"] >= opts.max_steps else "epochs"
+    remaining = max(0, opts.total_steps - loop["step"]) * opts.batch_size
+    with bar(opts.what, remaining, enabled=opts.progress) as advance:
+        while loop["epoch"] < opts.epochs and stopped == "epochs":
+            t_epoch = time.perf_counter()
+            stopped = _run_epoch(opts, loop, clock, batches(loop["epoch"], loop["batch"]), step, advance, take_snapshot)
+            loop["part"]["seconds"] += time.perf_counter() - t_epoch
+            if loop["batch"] >= opts.steps_per_epoch:
+                _end_epoch(opts, loop)
             # The run's end is snapshot N: all epochs done, or the time budget (the schedule annealed
             # within it). A max_steps stop is a cut that --resume continues, so it is not an end.
-            last = loop["epoch"] >= epochs or stopped == "max_seconds"
-            if last and snapshots and len(loop["snapshots"]) < snapshots:
-                take_snapshot(snapshots)
-            loop["elapsed"] = elapsed0 + time.perf_counter() - start
+            last = loop["epoch"] >= opts.epochs or stopped == "max_seconds"
+            if last and opts.snapshots and len(loop["snapshots"]) < opts.snapshots:
+                take_snapshot(opts.snapshots)
+            loop["elapsed"] = clock.elapsed0 + clock.seconds()
             save(loop)
-    if snapshots and len(loop["snapshots"]) < snapshots and loop["epoch"] >= epochs:
-        take_snapshot(snapshots)  # resumed a finished run that was trained without snapshots
+    if opts.snapshots and len(loop["snapshots"]) < opts.snapshots and loop["epoch"] >= opts.epochs:
+        take_snapshot(opts.snapshots)  # resumed a finished run that was trained without snapshots
     loop["stopped"] = stopped
-    loop["run_seconds"] = time.perf_counter() - start
-    loop["elapsed"] = elapsed0 + loop["run_seconds"]
-    loop["run_samples"] = run_samples
+    loop["run_seconds"] = clock.seconds()
+    loop["elapsed"] = clock.elapsed0 + loop["run_seconds"]
+    loop["run_samples"] = (loop["step"] - step0) * opts.batch_size
     return loop
+
+
+def _run_epoch(opts: FitOptions, loop: dict, clock: _Clock, batches: Iterable, step, advance, take_snapshot) -> str:
+    """Steps through the epoch's batches from loop["batch"] on; returns why it stopped: "epochs"
+    (the epoch ran out), "max_steps" or "max_seconds"."""
+    acc, window, stopped = None, 0, "epochs"
+    for batch in batches:
+        loss = step(batch, min(1.0, _schedule(opts, loop, clock)))
+        acc = loss if acc is None else acc + loss
+        window += 1
+        loop["step"] += 1
+        loop["batch"] += 1
+        loop["part"]["samples"] += opts.batch_size
+        if window == opts.sync_every or loop["batch"] == opts.steps_per_epoch:
+            _sync(opts, loop, acc, window, advance)
+            acc, window = None, 0
+        k = len(loop["snapshots"]) + 1
+        if opts.snapshots and k < opts.snapshots and _schedule(opts, loop, clock) >= k / opts.snapshots:
+            take_snapshot(k)
+        if opts.max_steps is not None and loop["step"] >= opts.max_steps:
+            stopped = "max_steps"
+        elif opts.max_seconds and clock.seconds() >= opts.max_seconds:
+            stopped = "max_seconds"
+        if stopped != "epochs":
+            break
+    if acc is not None:  # the steps since the last sync
+        _record(loop, acc.item(), window)
+    return stopped
+
+
+def _schedule(opts: FitOptions, loop: dict, clock: _Clock) -> float:
+    """Training progress: the step fraction, or the time fraction of max_seconds when that is ahead."""
+    p = loop["step"] / opts.total_steps
+    if opts.max_seconds:
+        p = max(p, clock.seconds() / opts.max_seconds)
+    return p
+
+
+def _sync(opts: FitOptions, loop: dict, acc: torch.Tensor, window: int, advance) -> None:
+    v = acc.item()  # the only host sync: every sync_every steps
+    if not math.isfinite(v):
+        raise CooptError(f"{opts.what}: loss became {v} at step {loop['step']} (non-finite inputs or "
+                         "targets, or a learning rate too high); nothing more was saved")
+    _record(loop, v, window)
+    advance(window * opts.batch_size, info=f"epoch {loop['epoch'] + 1}/{opts.epochs} loss {v / window:.4f}")
+
+
+def _record(loop: dict, v: float, window: int) -> None:
+    """Adds `window` steps whose losses sum to v to the epoch's mean and to the loss trace."""
+    part = loop["part"]
+    part["loss"] += v
+    part["steps"] += window
+    loop["trace"].append([loop["step"], v / window])
+
+
+def _end_epoch(opts: FitOptions, loop: dict) -> None:
+    """A complete epoch: its line in the log, and the position moves to the next epoch's start."""
+    e, part = loop["epoch"], loop["part"]
+    loop["log"].append({
+        "epoch": e + 1, "loss": part["loss"] / max(1, part["steps"]), "seconds": part["seconds"],
+        "samples_per_s": part["samples"] / max(1e-9, part["seconds"]), "steps": loop["step"],
+        "lr_factor": lr_factor(min(1.0, loop["step"] / opts.total_steps)),
+    })
+    loop.update(epoch=e + 1, batch=0, part=_new_part())
+
+
+def _take_snapshot(opts: FitOptions, loop: dict, clock: _Clock, snapshot, k: int) -> None:
+    t = time.perf_counter()
+    seconds = clock.elapsed0 + t - clock.start
+    path = snapshot(k, loop)
+    loop["snapshots"].append({"k": k, "of": opts.snapshots, "step": loop["step"], "seconds": seconds,
+                              "samples": loop["step"] * opts.batch_size, "path": str(path)})
+    clock.start += time.perf_counter() - t  # off the clock, and off the max_seconds budget
+
+
+def last_loss(loop: dict) -> float:
+    """The last epoch's mean loss; before the first complete epoch, the last logged window's."""
+    return loop["log"][-1]["loss"] if loop["log"] else (loop["trace"][-1][1] if loop["trace"] else float("nan"))
