@@ -27,6 +27,7 @@ are training.py's, shared with ssl.pretrain; train adds the student and its outp
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -86,9 +87,33 @@ class TrainConfig:
     progress: bool = True
 
 
+
 def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwargs) -> dict:
     """Train a student on RUN/merged.h5; returns a summary (see TrainConfig for the options)."""
     cfg = TrainConfig(run=str(run), student=student, epochs=epochs, out=str(out), **kwargs)
+    _check(cfg)
+    job = _build(cfg)
+    if cfg.force:
+        clear_out([job.state_path, job.ckpt_path, job.out_dir / "train.jsonl", job.out_dir / "curve.png",
+                   *(job.out_dir / "snapshots").glob("student-*.pt")])
+    loop = resume(job.state_path, job.identity, job.model, job.opt, job.gen) if cfg.resume else None
+    resumed = loop is not None
+    job.out_dir.mkdir(parents=True, exist_ok=True)
+    job.model.train()
+    opts = FitOptions(what="train", epochs=cfg.epochs, steps_per_epoch=len(job.loader),
+                      batch_size=min(cfg.batch_size, job.loader.n), max_seconds=cfg.max_seconds,
+                      max_steps=cfg.max_steps, progress=cfg.progress, snapshots=cfg.snapshots)
+    loop = fit(opts, functools.partial(_batches, job.loader), functools.partial(_step, job),
+               functools.partial(_save, job), loop, functools.partial(_snapshot, job))
+    if not job.ckpt_path.exists():  # resumed a finished run: fit saved nothing
+        _save(job, loop)
+    plot_curve(job.out_dir / "curve.png", loop["trace"], loop["log"], len(job.loader),
+               f"coopt student {cfg.student} on {job.store.name}")
+    return _summary(job, loop, resumed)
+
+
+def _check(cfg: TrainConfig) -> None:
+    """Bad options, and an OUT that holds a run without --resume or --force, are refused before any work."""
     check_budget(cfg)
     if cfg.epochs < 1:
         raise CooptError(f"--epochs must be >= 1, got {cfg.epochs}")
@@ -97,17 +122,43 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
     out_dir = Path(cfg.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise CooptError(f"{out_dir}: --out must be a folder, this is a file")
-    state_path, ckpt_path = out_dir / "state.pt", out_dir / "student.pt"
-    check_out([state_path, ckpt_path], cfg.resume, cfg.force)
+    check_out([out_dir / "state.pt", out_dir / "student.pt"], cfg.resume, cfg.force)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One train call, resolved once: the data, the model and its optimiser, what the outputs record."""
+    cfg: TrainConfig
+    dev: torch.device
+    store: Path
+    loader: StoreLoader
+    size: int                   # input side, px
+    norm: tuple                 # the images' (mean, std)
+    targets: tuple              # the targets' (mean, std) on the device
+    model: Student
+    forward: nn.Module          # the model, compiled on CUDA
+    opt: torch.optim.Optimizer
+    gen: torch.Generator        # the augmentation's draws; state.pt saves it
+    identity: dict              # the settings --resume must find unchanged
+    meta: dict                  # recorded in every checkpoint
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / "state.pt"
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "student.pt"
+
+
+def _build(cfg: TrainConfig) -> _Job:
     dev = resolve_device(cfg.device)
     store = resolve_store(cfg.run)
-    loader = StoreLoader(store, cfg.batch_size, fields=("images", "targets"), seed=cfg.seed, device=dev,
-                         resident=cfg.resident)
-    size = cfg.input_size or default_input_size(cfg.student, loader.image_shape)
-    loader.image_size = size  # folder images of mixed size are resized to it
-    loader.drop_last = loader.n >= cfg.batch_size  # static shapes (no recompiles), no 1-sample BN batch
-    if len(loader) == 0:
-        raise CooptError(f"{store}: no rows to train on")
+    loader, size = _open_loader(cfg, store, dev)
     mean, std = default_norm(cfg.student)
     t_mean = (loader.target_mean if loader.target_mean is not None else torch.zeros(loader.dim)).to(dev)
     t_std = (loader.target_std if loader.target_std is not None else torch.ones(loader.dim)).to(dev)
@@ -121,64 +172,72 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
 
     identity = {"student": cfg.student, "batch_size": cfg.batch_size, "seed": cfg.seed, "input_size": size,
                 "lr": cfg.lr, "wd": cfg.wd, "rows": loader.n, "target_dim": loader.dim}
-    if cfg.force:
-        clear_out([state_path, ckpt_path, out_dir / "train.jsonl", out_dir / "curve.png",
-                   *(out_dir / "snapshots").glob("student-*.pt")])
-    loop = resume(state_path, identity, model, opt, gen) if cfg.resume else None
-    resumed = loop is not None
-    out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"arch": cfg.student, "input_size": size, "mean": list(mean), "std": list(std),
             "method": "coopt-student", "data": loader.attrs.get("dataset", ""), "store": str(store),
             "participants": loader.participants, "target_dim": loader.dim, "seed": cfg.seed,
             "batch_size": cfg.batch_size, "lr": cfg.lr, "wd": cfg.wd, "coopt_version": VERSION}
+    return _Job(cfg, dev, store, loader, size, (mean, std), (t_mean, t_std), model, forward, opt, gen, identity, meta)
 
-    def batches(epoch, start):
-        loader.set_epoch(epoch, start)
-        return loader
 
-    def step(batch, p):
-        for gr in opt.param_groups:
-            gr["lr"] = cfg.lr * lr_factor(p)
-        x = augment.crop_flip(batch["images"], size, gen, mean, std, cfg.crop_scale)
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = (batch["targets"].float() - t_mean) / t_std
-        with autocast(dev):
-            pred = forward(x)
-        loss = cosine_loss(pred, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
+def _open_loader(cfg: TrainConfig, store: Path, dev: torch.device) -> tuple[StoreLoader, int]:
+    """The merged store's loader, and the input side its images are resized to."""
+    loader = StoreLoader(store, cfg.batch_size, fields=("images", "targets"), seed=cfg.seed, device=dev,
+                         resident=cfg.resident)
+    size = cfg.input_size or default_input_size(cfg.student, loader.image_shape)
+    loader.image_size = size  # folder images of mixed size are resized to it
+    loader.drop_last = loader.n >= cfg.batch_size  # static shapes (no recompiles), no 1-sample BN batch
+    if len(loader) == 0:
+        raise CooptError(f"{store}: no rows to train on")
+    return loader, size
 
-    def save(lp):
-        # state.pt last: it is the commit point. Interrupted before it, --resume redoes the epoch
-        # from the previous state and rewrites the checkpoint and log; after it, all three agree.
-        save_checkpoint(ckpt_path, model.backbone, {**meta, "epochs": lp["epoch"], "steps": lp["step"]})
-        write_log(out_dir / "train.jsonl", lp["log"])
-        save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "aug_rng": rng_state(gen), "loop": lp})
 
-    def snapshot(k, lp):
-        path = out_dir / "snapshots" / f"student-{k}.pt"
-        save_checkpoint(path, model.backbone, {**meta, "snapshot": k, "epochs": lp["epoch"], "steps": lp["step"]})
-        return path
+def _batches(loader: StoreLoader, epoch: int, start: int) -> StoreLoader:
+    loader.set_epoch(epoch, start)
+    return loader
 
-    model.train()
-    opts = FitOptions(what="train", epochs=cfg.epochs, steps_per_epoch=len(loader),
-                      batch_size=min(cfg.batch_size, loader.n), max_seconds=cfg.max_seconds,
-                      max_steps=cfg.max_steps, progress=cfg.progress, snapshots=cfg.snapshots)
-    loop = fit(opts, batches, step, save, loop, snapshot)
-    if not ckpt_path.exists():  # resumed a finished run: fit saved nothing
-        save(loop)
+
+def _step(job: _Job, batch: dict, p: float) -> torch.Tensor:
+    """One optimizer step at schedule position p; the detached loss."""
+    (mean, std), (t_mean, t_std) = job.norm, job.targets
+    for gr in job.opt.param_groups:
+        gr["lr"] = job.cfg.lr * lr_factor(p)
+    x = augment.crop_flip(batch["images"], job.size, job.gen, mean, std, job.cfg.crop_scale)
+    x = x.contiguous(memory_format=torch.channels_last)
+    y = (batch["targets"].float() - t_mean) / t_std
+    with autocast(job.dev):
+        pred = job.forward(x)
+    loss = cosine_loss(pred, y)
+    job.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    job.opt.step()
+    return loss.detach()
+
+
+def _save(job: _Job, loop: dict) -> None:
+    # state.pt last: it is the commit point. Interrupted before it, --resume redoes the epoch
+    # from the previous state and rewrites the checkpoint and log; after it, all three agree.
+    save_checkpoint(job.ckpt_path, job.model.backbone, {**job.meta, "epochs": loop["epoch"], "steps": loop["step"]})
+    write_log(job.out_dir / "train.jsonl", loop["log"])
+    save_state(job.state_path, {"identity": job.identity, "model": job.model.state_dict(),
+                                "optimizer": job.opt.state_dict(), "aug_rng": rng_state(job.gen), "loop": loop})
+
+
+def _snapshot(job: _Job, k: int, loop: dict) -> Path:
+    path = job.out_dir / "snapshots" / f"student-{k}.pt"
+    save_checkpoint(path, job.model.backbone,
+                    {**job.meta, "snapshot": k, "epochs": loop["epoch"], "steps": loop["step"]})
+    return path
+
+
+def _summary(job: _Job, loop: dict, resumed: bool) -> dict:
+    cfg, loader, out_dir = job.cfg, job.loader, job.out_dir
     rate = loop["run_samples"] / max(1e-9, loop["run_seconds"])
-    plot_curve(out_dir / "curve.png", loop["trace"], loop["log"], len(loader),
-               f"coopt student {cfg.student} on {store.name}")
     return {
-        "checkpoint": str(ckpt_path), "state": str(state_path), "log": str(out_dir / "train.jsonl"),
-        "curve": str(out_dir / "curve.png"), "student": cfg.student, "input_size": size, "device": str(dev),
-        "compiled": forward is not model, "store_on_device": loader.resident, "rows": loader.n, "target_dim": loader.dim,
-        "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"], "resumed": resumed,
-        "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"], "samples_per_s": rate, "loss": last_loss(loop),
-        "snapshots": loop["snapshots"],
+        "checkpoint": str(job.ckpt_path), "state": str(job.state_path), "log": str(out_dir / "train.jsonl"),
+        "curve": str(out_dir / "curve.png"), "student": cfg.student, "input_size": job.size, "device": str(job.dev),
+        "compiled": job.forward is not job.model, "store_on_device": loader.resident, "rows": loader.n,
+        "target_dim": loader.dim, "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"],
+        "resumed": resumed, "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"], "samples_per_s": rate,
+        "loss": last_loss(loop), "snapshots": loop["snapshots"],
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("run", "out", "progress")},
     }
