@@ -27,6 +27,7 @@ handling, budgets and bitwise-exact resume are training.py's (fit).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import augment
-from .data import load_dataset
+from .data import Dataset, load_dataset
 from .errors import CooptError
 from .loader import epoch_permutation, read_images
 from .priors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, build_backbone, save_checkpoint
@@ -149,6 +150,27 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
              **kwargs) -> dict:
     """Pretrain a backbone with `method` on `dataset`; returns a summary (see PretrainConfig)."""
     cfg = PretrainConfig(dataset=dataset, method=method, arch=arch, epochs=epochs, out=str(out), **kwargs)
+    _check(cfg)
+    job = _build(cfg)
+    out = job.out
+    if cfg.force:
+        clear_out([out, job.state_path, job.log_path, *out.parent.glob(f"{out.stem}.snap*{out.suffix}")])
+    loop = resume(job.state_path, job.identity, job.model, job.opt, job.gen) if cfg.resume else None
+    resumed = loop is not None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    job.model.train()
+    opts = FitOptions(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=job.steps_per_epoch,
+                      batch_size=job.bs, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps,
+                      progress=cfg.progress, snapshots=cfg.snapshots)
+    loop = fit(opts, functools.partial(_batches, job), functools.partial(_step, job),
+               functools.partial(_save, job), loop, functools.partial(_snapshot, job))
+    if not out.exists():
+        _save(job, loop)
+    return _summary(job, loop, resumed)
+
+
+def _check(cfg: PretrainConfig) -> None:
+    """Bad options, and an OUT that holds a run without --resume or --force, are refused before any work."""
     if cfg.method not in METHODS:
         raise CooptError(f"unknown method {cfg.method!r} (use {', '.join(METHODS)})")
     check_budget(cfg)
@@ -161,8 +183,46 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
     out = Path(cfg.out)
     if out.suffix not in (".pt", ".pth", ".safetensors"):
         raise CooptError(f"{out}: checkpoint must end in .pt, .pth or .safetensors")
-    state_path, log_path = Path(str(out) + ".state.pt"), Path(str(out) + ".log.jsonl")
-    check_out([out, state_path], cfg.resume, cfg.force)
+    check_out([out, Path(str(out) + ".state.pt")], cfg.resume, cfg.force)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One pretrain call, resolved once: the data, the model and its optimiser, what the outputs record."""
+    cfg: PretrainConfig
+    dev: torch.device
+    ds: Dataset
+    pool: torch.Tensor          # the rows trained on (supervised: the labelled fraction), sorted
+    labels: torch.Tensor | None  # supervised only
+    size: int                   # input side, px
+    norm: tuple                 # the images' (mean, std)
+    bs: int                     # batch size: at most the pool
+    model: nn.Module
+    loss_fn: nn.Module          # the model, compiled on CUDA; returns the loss
+    opt: torch.optim.Optimizer
+    gen: torch.Generator        # the augmentation's draws; OUT.state.pt saves it
+    views: tuple                # byol, simclr: the two views' augment.ViewConfig
+    identity: dict              # the settings --resume must find unchanged
+    meta: dict                  # recorded in every checkpoint
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def state_path(self) -> Path:
+        return Path(str(self.out) + ".state.pt")
+
+    @property
+    def log_path(self) -> Path:
+        return Path(str(self.out) + ".log.jsonl")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.pool) // self.bs  # drop_last: BatchNorm and static shapes want full batches
+
+
+def _build(cfg: PretrainConfig) -> _Job:
     wd = cfg.wd if cfg.wd is not None else (0.01 if cfg.method == "supervised" else 1e-4)
     dev = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset).subset(cfg.limit)
@@ -170,7 +230,28 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
     if not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:  # the checkpoint must be one extract and probe accept
         raise CooptError(f"--input-size {size}: must be in [{MIN_INPUT_SIZE}, {MAX_INPUT_SIZE}]")
     mean, std = default_norm(cfg.arch)
+    pool, labels = _pool(cfg, ds)
+    bs = min(cfg.batch_size, len(pool))
 
+    model = _model(cfg, ds, size).to(dev, memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(param_groups([model], wd), lr=cfg.lr)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
+    loss_fn = maybe_compile(model, dev, cfg.compile)
+    views = (augment.ViewConfig(), augment.ViewConfig(solarize_p=0.2 if cfg.method == "byol" else 0.0))
+
+    identity = {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "limit": cfg.limit, "seed": cfg.seed,
+                "batch_size": bs, "input_size": size, "lr": cfg.lr, "wd": wd,
+                "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "proj_hidden": cfg.proj_hidden,
+                "proj_dim": cfg.proj_dim}
+    meta = {"arch": cfg.arch, "input_size": size, "mean": list(mean), "std": list(std), "method": cfg.method,
+            "epochs_planned": cfg.epochs, "data": cfg.dataset, "limit": cfg.limit, "seed": cfg.seed,
+            "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "batch_size": bs, "lr": cfg.lr,
+            "wd": wd, "coopt_version": VERSION}
+    return _Job(cfg, dev, ds, pool, labels, size, (mean, std), bs, model, loss_fn, opt, gen, views, identity, meta)
+
+
+def _pool(cfg: PretrainConfig, ds: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows to train on (supervised: a seeded labeled_fraction of them) and, supervised, the labels."""
     pool = torch.arange(len(ds))
     labels = None
     if cfg.method == "supervised":
@@ -181,9 +262,11 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
         pool = torch.randperm(len(ds), generator=torch.Generator().manual_seed(cfg.seed))[:keep].sort().values
     if len(pool) < 2:
         raise CooptError(f"{cfg.dataset}: need at least 2 training samples, have {len(pool)}")
-    bs = min(cfg.batch_size, len(pool))
-    steps_per_epoch = len(pool) // bs  # drop_last: BatchNorm and static shapes want full batches
+    return pool, labels
 
+
+def _model(cfg: PretrainConfig, ds: Dataset, size: int) -> nn.Module:
+    """The method's network around a fresh backbone, every part initialised from the seed."""
     backbone, dim, _ = build_backbone(cfg.arch, size, cfg.seed)
     with torch.random.fork_rng(devices=[]):  # heads from the seed, not from the global RNG
         torch.manual_seed(cfg.seed + 1)
@@ -193,75 +276,62 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
             model = SimCLR(backbone, dim, cfg.proj_hidden or 2048, cfg.proj_dim, cfg.temperature)
         else:
             model = BYOL(backbone, dim, cfg.proj_hidden or 4096, cfg.proj_dim, cfg.proj_hidden or 4096)
-    model = model.to(dev, memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(param_groups([model], wd), lr=cfg.lr)
-    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    loss_fn = maybe_compile(model, dev, cfg.compile)
-    views = (augment.ViewConfig(), augment.ViewConfig(solarize_p=0.2 if cfg.method == "byol" else 0.0))
+    return model
 
-    identity = {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "limit": cfg.limit, "seed": cfg.seed,
-                "batch_size": bs, "input_size": size, "lr": cfg.lr, "wd": wd,
-                "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "proj_hidden": cfg.proj_hidden,
-                "proj_dim": cfg.proj_dim}
-    if cfg.force:
-        clear_out([out, state_path, log_path, *out.parent.glob(f"{out.stem}.snap*{out.suffix}")])
-    loop = resume(state_path, identity, model, opt, gen) if cfg.resume else None
-    resumed = loop is not None
-    meta = {"arch": cfg.arch, "input_size": size, "mean": list(mean), "std": list(std), "method": cfg.method,
-            "epochs_planned": cfg.epochs, "data": cfg.dataset, "limit": cfg.limit, "seed": cfg.seed,
-            "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "batch_size": bs, "lr": cfg.lr,
-            "wd": wd, "coopt_version": VERSION}
 
-    def batches(epoch, start):
-        order = pool[epoch_permutation(len(pool), cfg.seed, epoch)]
-        for b in range(start, steps_per_epoch):
-            idx = order[b * bs : (b + 1) * bs]
-            imgs = read_images(ds, idx.numpy(), size)  # in-memory: one numpy gather; folders: decode
-            yield {"images": imgs.to(dev, non_blocking=True), "labels": None if labels is None else labels[idx].to(dev)}
+def _batches(job: _Job, epoch: int, start: int):
+    """The epoch's batches from `start` on, in epoch_permutation order over the pool."""
+    order = job.pool[epoch_permutation(len(job.pool), job.cfg.seed, epoch)]
+    for b in range(start, job.steps_per_epoch):
+        idx = order[b * job.bs : (b + 1) * job.bs]
+        imgs = read_images(job.ds, idx.numpy(), job.size)  # in-memory: one numpy gather; folders: decode
+        yield {"images": imgs.to(job.dev, non_blocking=True),
+               "labels": None if job.labels is None else job.labels[idx].to(job.dev)}
 
-    def step(batch, p):
-        for gr in opt.param_groups:
-            gr["lr"] = cfg.lr * lr_factor(p)
-        imgs = batch["images"]
-        if cfg.method == "supervised":
-            args = (augment.crop_flip(imgs, size, gen, mean, std), batch["labels"])
-        else:
-            args = tuple(augment.ssl_view(imgs, size, gen, v, mean, std) for v in views)
-        args = tuple(a.contiguous(memory_format=torch.channels_last) if a.ndim == 4 else a for a in args)
-        with autocast(dev):
-            loss = loss_fn(*args)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if cfg.method == "byol":
-            model.update_target(1 - (1 - cfg.tau_base) * (math.cos(math.pi * p) + 1) / 2)
-        return loss.detach()
 
-    def save(lp):
-        # state.pt last: it is the commit point. Interrupted before it, --resume redoes the epoch
-        # from the previous state and rewrites the checkpoint and log; after it, all three agree.
-        save_checkpoint(out, model.backbone, {**meta, "epochs": lp["epoch"], "steps": lp["step"]})
-        write_log(log_path, lp["log"])
-        save_state(state_path, {"identity": identity, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "aug_rng": rng_state(gen), "loop": lp})
+def _step(job: _Job, batch: dict, p: float) -> torch.Tensor:
+    """One optimizer step at schedule position p (and BYOL's EMA update); the detached loss."""
+    cfg, (mean, std) = job.cfg, job.norm
+    for gr in job.opt.param_groups:
+        gr["lr"] = cfg.lr * lr_factor(p)
+    imgs = batch["images"]
+    if cfg.method == "supervised":
+        args = (augment.crop_flip(imgs, job.size, job.gen, mean, std), batch["labels"])
+    else:
+        args = tuple(augment.ssl_view(imgs, job.size, job.gen, v, mean, std) for v in job.views)
+    args = tuple(a.contiguous(memory_format=torch.channels_last) if a.ndim == 4 else a for a in args)
+    with autocast(job.dev):
+        loss = job.loss_fn(*args)
+    job.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    job.opt.step()
+    if cfg.method == "byol":
+        job.model.update_target(1 - (1 - cfg.tau_base) * (math.cos(math.pi * p) + 1) / 2)
+    return loss.detach()
 
-    def snapshot(k, lp):
-        path = snapshot_path(out, k)
-        save_checkpoint(path, model.backbone, {**meta, "snapshot": k, "epochs": lp["epoch"], "steps": lp["step"]})
-        return path
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.train()
-    opts = FitOptions(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=steps_per_epoch,
-                      batch_size=bs, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps, progress=cfg.progress,
-                      snapshots=cfg.snapshots)
-    loop = fit(opts, batches, step, save, loop, snapshot)
-    if not out.exists():
-        save(loop)
+def _save(job: _Job, loop: dict) -> None:
+    # state.pt last: it is the commit point. Interrupted before it, --resume redoes the epoch
+    # from the previous state and rewrites the checkpoint and log; after it, all three agree.
+    save_checkpoint(job.out, job.model.backbone, {**job.meta, "epochs": loop["epoch"], "steps": loop["step"]})
+    write_log(job.log_path, loop["log"])
+    save_state(job.state_path, {"identity": job.identity, "model": job.model.state_dict(),
+                                "optimizer": job.opt.state_dict(), "aug_rng": rng_state(job.gen), "loop": loop})
+
+
+def _snapshot(job: _Job, k: int, loop: dict) -> Path:
+    path = snapshot_path(job.out, k)
+    save_checkpoint(path, job.model.backbone,
+                    {**job.meta, "snapshot": k, "epochs": loop["epoch"], "steps": loop["step"]})
+    return path
+
+
+def _summary(job: _Job, loop: dict, resumed: bool) -> dict:
+    cfg = job.cfg
     return {
-        "checkpoint": str(out), "state": str(state_path), "log": str(log_path), "method": cfg.method,
-        "arch": cfg.arch, "input_size": size, "device": str(dev), "compiled": loss_fn is not model,
-        "samples": len(pool), "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"],
+        "checkpoint": str(job.out), "state": str(job.state_path), "log": str(job.log_path), "method": cfg.method,
+        "arch": cfg.arch, "input_size": job.size, "device": str(job.dev), "compiled": job.loss_fn is not job.model,
+        "samples": len(job.pool), "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"],
         "resumed": resumed, "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"],
         "samples_per_s": loop["run_samples"] / max(1e-9, loop["run_seconds"]), "loss": last_loss(loop),
         "snapshots": loop["snapshots"],
