@@ -85,8 +85,8 @@ def features(prior: Prior, ds: Dataset, dev: torch.device, batch_size: int = 256
 
 @contextlib.contextmanager
 def _one_thread_on_cpu(dev: torch.device):
-    """The probe's ops are tiny (512 x dim x classes): 2 OpenMP threads cost more in barriers than
-    they compute — measured 1.5 ms/step with 1 thread vs 20-30 ms with 2 on a busy 2-core machine."""
+    """The probe's ops are tiny (512 x dim x classes): a second OpenMP thread costs more in barriers
+    than it computes."""
     if dev.type != "cpu":
         yield
         return

@@ -8,7 +8,7 @@ as it is. AdamW, linear warmup then cosine decay, no weight decay on norms and b
 
 Device paths: CUDA runs bf16 autocast, channels_last and torch.compile on the model's forward
 (`compile=False` to skip it); the CPU runs eager fp32, channels_last (oneDNN's faster conv
-layout: 1.3-1.4x for convnet on 2 cores) with denormals flushed.
+layout) with denormals flushed.
 
 Checkpoints, every epoch (and when a step or time budget ends a run mid-epoch):
   OUT/student.pt    the backbone alone (save_checkpoint; arch, input_size, mean, std, provenance):
