@@ -1,7 +1,7 @@
 import typer
 from rich.table import Table
 
-from coopt_fast.ssl import PretrainConfig, pretrain as run_pretrain
+from coopt_fast.configs import PretrainConfig
 
 from .app import command, emit
 
@@ -40,6 +40,8 @@ def pretrain(
     Writes OUT (the backbone, usable as `extract --prior ARCH:OUT` and by `probe`) every epoch,
     with OUT.state.pt for --resume and OUT.log.jsonl (loss, seconds, samples/s per epoch).
     """
+    from coopt_fast.ssl import pretrain as run_pretrain  # imports torch: only when the command runs
+
     s = run_pretrain(dataset, method, arch, epochs, out, batch_size=batch_size, lr=lr, wd=wd,
                      labeled_fraction=labeled_fraction, seed=seed, limit=limit, input_size=input_size,
                      max_seconds=max_seconds, max_steps=max_steps, resume=resume, force=force, device=device,

@@ -1,7 +1,7 @@
 import typer
 from rich.table import Table
 
-from coopt_fast.evaluate import ProbeConfig, probe as run_probe
+from coopt_fast.configs import ProbeConfig
 
 from .app import command, emit
 
@@ -28,6 +28,8 @@ def probe(
     Features are computed once. Linear probe: standardised features, SGD momentum 0.9, lr 0.1,
     cosine decay, batch 512, 100 epochs (>= 1000 steps). kNN: k=20, cosine, weights exp(sim/0.07).
     """
+    from coopt_fast.evaluate import probe as run_probe  # imports torch: only when the command runs
+
     s = run_probe(ckpt, train, test, arch=arch, limit_train=limit_train, limit_test=limit_test, device=device,
                   progress=not quiet, epochs=epochs, k=k, seed=seed)
     t = Table(title=f"probe {ckpt}")

@@ -1,7 +1,7 @@
 import typer
 from rich.table import Table
 
-from coopt_fast.student import TrainConfig, train as run_train
+from coopt_fast.configs import TrainConfig
 
 from coopt_fast.errors import CooptError
 
@@ -49,6 +49,8 @@ def train(
     usable by `probe` and as `extract --prior ARCH:OUT/student.pt`) every epoch, OUT/state.pt
     for --resume (bitwise-exact on the CPU), OUT/train.jsonl and OUT/curve.png.
     """
+    from coopt_fast.student import train as run_train  # imports torch: only when the command runs
+
     s = run_train(run, student, epochs, out, batch_size=batch_size, lr=lr, wd=wd, seed=seed, input_size=input_size,
                   max_seconds=max_seconds, max_steps=max_steps, resume=resume, force=force, device=device, compile=compile,
                   resident=parse_resident(store_on_device), snapshots=snapshots, progress=not quiet)

@@ -28,24 +28,13 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset, load_dataset
+from .configs import ProbeConfig  # noqa: F401 (defined apart: the CLI reads its defaults without torch)
 from .errors import CooptError
 from .loader import read_images
 from .plan import check_seed
 from .priors import Prior, load_prior, preprocess, read_checkpoint
 from .progress import bar
 from .training import autocast, resolve_device
-
-
-@dataclass
-class ProbeConfig:
-    batch_size: int = 256       # feature extraction
-    epochs: int = 100           # linear probe
-    lr: float = 0.1
-    probe_batch: int = 512
-    min_steps: int = 1000       # small train sets: more epochs, so the probe itself is not undertrained
-    k: int = 20
-    temperature: float = 0.07
-    seed: int = 0
 
 
 def load_frozen(ckpt: str, arch: str | None = None, seed: int = 0) -> Prior:

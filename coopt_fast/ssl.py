@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import augment
 from .data import Dataset, load_dataset
+from .configs import PretrainConfig  # noqa: F401 (defined apart: the CLI reads its defaults without torch)
 from .errors import CooptError
 from .loader import epoch_permutation, read_images
 from .priors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, build_backbone, save_checkpoint
@@ -116,34 +117,6 @@ class BYOL(nn.Module):
                 pt.lerp_(po, 1 - tau)
             for bo, bt in zip(online.buffers(), target.buffers()):
                 bt.copy_(bo)
-
-
-@dataclass
-class PretrainConfig:
-    dataset: str
-    method: str = "byol"
-    arch: str = "convnet"
-    epochs: int = 10
-    out: str = "prior.pt"
-    batch_size: int = 256
-    lr: float = 1e-3
-    wd: float | None = None           # None: 0.01 supervised, 1e-4 byol/simclr
-    labeled_fraction: float = 1.0     # supervised only
-    seed: int = 0
-    limit: int | None = None          # first N samples of the data set
-    input_size: int | None = None     # None: convnet -> image side rounded up to 32; else priors default
-    max_seconds: float | None = None  # wall-clock budget of this call (schedule anneals within it)
-    max_steps: int | None = None
-    resume: bool = False
-    force: bool = False               # start over in an OUT that holds a run
-    device: str = "cpu"
-    compile: bool = True              # CUDA only
-    progress: bool = True
-    tau_base: float = 0.99            # BYOL
-    temperature: float = 0.2          # SimCLR
-    proj_hidden: int | None = None    # projector/predictor hidden width; None: 4096 byol, 2048 simclr
-    proj_dim: int = 256               # projector output
-    snapshots: int = 0                # N copies of the backbone at evenly spaced points: OUT.snapK.<ext>
 
 
 def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: int = 10, out="prior.pt",

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import augment
+from .configs import TrainConfig  # noqa: F401 (defined apart: the CLI reads its defaults without torch)
 from .errors import CooptError
 from .loader import StoreLoader, resolve_store
 from .priors import build_backbone, save_checkpoint
@@ -62,30 +63,6 @@ class Student(nn.Module):
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """mean over the batch of 1 - cos(pred_i, target_i); in fp32 whatever the autocast dtype."""
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=1, eps=1e-8)).mean()
-
-
-@dataclass
-class TrainConfig:
-    run: str
-    student: str = "convnet"
-    epochs: int = 10
-    out: str = "student"
-    batch_size: int = 128
-    lr: float = 1e-3
-    wd: float = 0.01
-    seed: int = 0
-    resume: bool = False
-    force: bool = False              # start over in an OUT that holds a run (without it: refused)
-    device: str = "cpu"
-    compile: bool = True             # CUDA only
-    resident: bool | None = None     # merged store in device memory (StoreLoader); None: if it fits
-    max_seconds: float | None = None  # wall-clock budget of this call; stop after the step that exceeds it
-    max_steps: int | None = None      # stop after this many optimizer steps in all (smoke runs, tests)
-    input_size: int | None = None     # None: default_input_size
-    crop_scale: tuple = (0.25, 1.0)   # milder than ImageNet's 0.08: the target describes the whole image
-    snapshots: int = 0                # N copies of the backbone at evenly spaced points (OUT/snapshots/)
-    progress: bool = True
-
 
 
 def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwargs) -> dict:
