@@ -53,7 +53,7 @@ def demo(
     for k, v in s["seconds"].items():
         steps.add_row(k, f"{v:.1f}")
     if json_out:
-        emit({k: s[k] for k in ("participants", "inconsistency", "student", "baseline", "seconds")}, True)
+        emit({k: s[k] for k in ("participants", "inconsistency", "student", "baseline", "seconds", "run")}, True)
         return
     console.print(parts)
     console.print(res)
@@ -65,3 +65,5 @@ def demo(
     console.print(f"[bold]COOPT {verdict} BYOL at equal time: linear probe {a:.2%} vs {b:.2%} "
                   f"(±{noise:.1%} is noise at {cfg.probe_test} test images).[/]")
     console.print(steps)
+    console.print(f"The run is [bold]{s['run']}[/] (coopt-fast status/score/inspect/verify {s['run']}); the "
+                  f"student is in {s['student_dir']}, the targets' picture in {s['inspect_png']}.")

@@ -180,6 +180,7 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
                      "seconds": round(bl["seconds"], 2), "epochs": bl["epochs"], "steps": bl["steps"]},
         "seconds": seconds,
         "config": asdict(cfg),
+        "run": str(run), "student_dir": str(out / "student"), "inspect_png": str(run / "inspect.png"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -177,6 +177,10 @@ def _apportion(n: int, p: np.ndarray) -> np.ndarray:
 def load_plan(run: str | Path) -> dict:
     path = Path(run) / "plan.json"
     if not path.is_file():
+        below = sorted(p.parent for p in Path(run).glob("*/plan.json")) if Path(run).is_dir() else []
+        if below:  # e.g. `make demo`'s run is runs/demo/run
+            raise CooptError(f"{path}: no plan here, but {', '.join(map(str, below[:3]))} hold{'s' if len(below) == 1 else ''} "
+                             f"a run: give that folder")
         raise CooptError(f"{path}: no plan; run `coopt-fast split DATASET --out {run}` first")
     try:
         plan = json.loads(path.read_bytes().decode())

@@ -60,3 +60,53 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, msg):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and msg in lines[0], r.stderr
     assert not (tmp_path / "r").exists()
+
+
+def _cli(*args, env=None):
+    """coopt-fast in a fresh process (the real entry point, not CliRunner)."""
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "coopt_fast", *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+@pytest.mark.parametrize("args, msg", [
+    (("align",), "Missing argument 'run'"),
+    (("align", "x", "--dim", "abc"), "Invalid value for '--dim'"),
+    (("nosuch",), "No such command 'nosuch'"),
+    (("split", "fashion-mnist", "--out", "x", "--no-such-option"), "No such option"),
+])
+def test_usage_errors_are_one_line_and_exit_2(args, msg):
+    r = _cli(*args)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert msg in r.stderr and "--help" in r.stderr and r.stdout == ""
+
+
+def test_version_and_a_run_one_level_down(tmp_path):
+    import coopt_fast
+
+    r = _cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"coopt-fast {coopt_fast.__version__}"
+    coopt_fast.split("fashion-mnist", tmp_path / "demo" / "run", participants=2, limit=50)
+    r = _cli("status", tmp_path / "demo")
+    assert r.returncode == 2 and f"{tmp_path / 'demo' / 'run'} holds a run" in r.stderr, r.stderr
+
+
+def test_progress_lines_without_a_terminal(tmp_path):
+    """Under CI, nohup or a pipe (stderr not a terminal): plain lines with rate and ETA."""
+    run = tmp_path / "run"
+    import coopt_fast
+
+    coopt_fast.split("fashion-mnist", run, participants=2, limit=400)
+    r = _cli("extract", run, "--participant", "a", "--shard", 0, "--prior", "convnet", "--batch-size", 20,
+             env={"COOPT_PROGRESS": "", "COOPT_PROGRESS_SECONDS": "0"})
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("a shard: ")]
+    assert len(lines) >= 5 and lines[-1].startswith("a shard: 200/200 (100%)"), r.stderr
+    assert "img/s" in lines[0] and "ETA" in lines[1]
+    assert "\x1b[" not in r.stderr  # no terminal control codes
+    r = _cli("extract", run, "--participant", "b", "--shard", 1, "--prior", "labels",
+             env={"COOPT_PROGRESS": "0", "COOPT_PROGRESS_SECONDS": "0"})
+    assert r.returncode == 0 and "shard:" not in r.stderr
