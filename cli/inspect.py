@@ -1,3 +1,5 @@
+import sys
+
 import typer
 from rich.table import Table
 
@@ -24,3 +26,5 @@ def inspect(
         t.add_row(r["participant"] + (" *" if r["reference"] else ""), r["prior"], str(r["feature_dim"]),
                   f"{r['uniformity']:.4f}", f"{r['residual']:.4f}")
     emit(s, json_out, t)
+    if s.get("plot") and not json_out:
+        print(f"plot: {s['plot']}", file=sys.stderr)

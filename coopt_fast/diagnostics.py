@@ -157,7 +157,7 @@ def inspect(run: str | Path, plot: bool = True, seed: int = 0, classifier: str =
            "estimator": f"tv_lower_bound ({classifier} two-sample test, up to {SAMPLE_ROWS} rows per participant)",
            "pairs": {"before": pairs0, "after": pairs1}}
     if plot:
-        out["plot"] = str(_plot(run / "inspect.png", before, after))
+        out["plot"] = str(_plot(run / "inspect.png", before, after, out))
     return out
 
 
@@ -186,21 +186,30 @@ def _pca2(sets: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: ((t.double() - mu) @ v).numpy() for k, t in sets.items()}
 
 
-def _plot(path: Path, before: dict, after: dict) -> Path:
+def _plot(path: Path, before: dict, after: dict, g: dict | None = None) -> Path:
+    """Targets in 2-D (PCA of the pooled targets), before and after alignment, with G on each
+    panel. Larger sets are drawn first and fainter, so a small participant stays visible on top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5))
-    for ax, (title, sets) in zip(axes, (("before alignment (W only)", before), ("after alignment", after))):
-        for nm, xy in _pca2(sets).items():
-            ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.5, label=nm)
-        ax.set_title(title)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    for ax, (when, sets) in zip(axes, (("before", before), ("after", after))):
+        xy = _pca2(sets)
+        for nm in sorted(xy, key=lambda k: -len(xy[k])):  # largest first: underneath
+            ax.scatter(xy[nm][:, 0], xy[nm][:, 1], s=5, alpha=0.35 if len(xy[nm]) >= 500 else 0.8,
+                       label=f"{nm} ({len(xy[nm])} rows)", linewidths=0)
+        title = "before alignment (W only)" if when == "before" else "after alignment"
+        if g is not None:
+            est, ci = g["inconsistency"][when], g["inconsistency_ci95"][when]
+            title += f"\nG = {est:.3f}, 95% CI [{ci[0]:.3f}, {ci[1]:.3f}]"
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
-    axes[1].legend(markerscale=4, fontsize=8)
-    fig.suptitle("targets by participant (PCA of pooled targets, each panel its own axes)")
+    axes[1].legend(markerscale=3, fontsize=8)
+    fig.suptitle("targets by participant (PCA of pooled targets, each panel its own axes; G: mean pairwise "
+                 "two-sample TV lower bound, lower = more consistent)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -85,7 +85,8 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
     if not job.ckpt_path.exists():  # resumed a finished run: fit saved nothing
         _save(job, loop)
     plot_curve(job.out_dir / "curve.png", loop["trace"], loop["log"], len(job.loader),
-               f"coopt student {cfg.student} on {job.store.name}")
+               f"coopt student {cfg.student} on {job.store.name}",
+               loss_label="cosine loss 1 - cos(head(backbone(aug(x))), z-scored y)", peak_lr=cfg.lr)
     return _summary(job, loop, resumed)
 
 

@@ -183,23 +183,36 @@ def write_log(path: Path, log: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def plot_curve(path: Path, trace: list, log: list[dict], steps_per_epoch: int, title: str) -> None:
-    """Loss vs epoch (Agg canvas, no pyplot: no global backend state, safe in threads/tests)."""
+def plot_curve(path: Path, trace: list, log: list[dict], steps_per_epoch: int, title: str,
+               loss_label: str = "loss", peak_lr: float | None = None) -> None:
+    """Loss vs epoch, and the learning rate on a second axis (peak_lr x each epoch's recorded
+    schedule factor). Agg canvas, no pyplot: no global backend state, safe in threads and tests."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 3.5), dpi=100)
+    fig = Figure(figsize=(9, 5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     if trace:
-        ax.plot([s / steps_per_epoch for s, _ in trace], [v for _, v in trace], lw=1, alpha=0.6, label="steps")
+        ax.plot([s / steps_per_epoch for s, _ in trace], [v for _, v in trace], lw=1, alpha=0.6, label="loss (steps)")
     if log:
-        ax.plot([r["epoch"] for r in log], [r["loss"] for r in log], "o-", label="epoch mean")
+        ax.plot([r["epoch"] for r in log], [r["loss"] for r in log], "o-", label="loss (epoch mean)")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(loss_label)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    if peak_lr is not None and any("lr_factor" in r for r in log):
+        lr_ax = ax.twinx()
+        pts = [(r["epoch"], peak_lr * r["lr_factor"]) for r in log if "lr_factor" in r]
+        lr_ax.plot([0] + [e for e, _ in pts], [0.0] + [v for _, v in pts], "s--", color="tab:red", ms=3,
+                   lw=1, label="learning rate (end of epoch)")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.set_ylim(bottom=0)
+        h2, l2 = lr_ax.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    if handles:
+        ax.legend(handles, labels, fontsize=8, loc="upper right")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp)
