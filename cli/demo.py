@@ -12,7 +12,7 @@ _D = DemoConfig()
 
 @command
 def demo(
-    out: str = typer.Option(_D.out, "--out", help="folder for the run, checkpoints, logs and summary.json"),
+    out: str = typer.Option(_D.out, "-o", "--out", help="folder for the run, checkpoints, logs and summary.json"),
     limit: int = typer.Option(_D.limit, "--limit", help="samples of Fashion-MNIST train in D (60000 = all)"),
     participants: int = typer.Option(_D.participants, "--participants", "-k"),
     priors: str = typer.Option(_D.priors, "--priors", help="one kind per participant: supervised, byol, simclr, weak, random, labels"),
@@ -21,7 +21,7 @@ def demo(
     probe_train: int = typer.Option(_D.probe_train, "--probe-train", help="labelled train images for the probes"),
     probe_test: int = typer.Option(_D.probe_test, "--probe-test", help="test images for the probes (10000 = all)"),
     device: str = typer.Option(_D.device, "--device", help="cpu or cuda"),
-    seed: int = typer.Option(_D.seed, "--seed"),
+    seed: int = typer.Option(_D.seed, "--seed", help="seeds the split, the priors (participant i's random prior: seed + i), the student and the baseline"),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
     json_out: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
 ):

@@ -18,7 +18,7 @@ def probe(
     limit_test: int = typer.Option(None, "--limit-test", help="first N test samples only"),
     epochs: int = typer.Option(_D.epochs, "--epochs", help="linear probe epochs"),
     k: int = typer.Option(_D.k, "--k", help="kNN neighbours"),
-    seed: int = typer.Option(_D.seed, "--seed"),
+    seed: int = typer.Option(_D.seed, "--seed", help="seeds the linear probe's shuffle order (its problem is convex: no init seed matters)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1, ..."),
     quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
     json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),

@@ -11,10 +11,10 @@ from .app import command, emit
 @command
 def split(
     dataset: str = typer.Argument(..., help="fashion-mnist[:test] | folder:PATH | npy:IMAGES.npy[,LABELS.npy]"),
-    out: str = typer.Option(..., "--out", help="run folder to create (the platform)"),
+    out: str = typer.Option(..., "-o", "--out", help="run folder to create (the platform)"),
     participants: int = typer.Option(4, "--participants", "-k", help="K, the number of shards"),
     shared_fraction: float = typer.Option(0.05, "--shared-fraction", help="|S|/N: the shared set used for scoring and alignment"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seeds the shards and S (the same seed and data give the same plan)"),
     sizes: Optional[str] = typer.Option(None, "--sizes", help="relative shard sizes w1,..,wK (default: balanced)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="keep only the first N samples"),
     force: bool = typer.Option(False, "--force", help="replace an existing, different plan.json (orphans the "

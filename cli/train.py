@@ -22,11 +22,11 @@ def train(
     run: str = typer.Argument(..., help="run folder holding merged.h5 (or the path of a merged .h5)"),
     student: str = typer.Option(_D.student, "--student", help="convnet, linear (trivial, for measuring) or a torchvision classifier (resnet18, ...)"),
     epochs: int = typer.Option(_D.epochs, "--epochs"),
-    out: str = typer.Option(..., "--out", help="output folder: student.pt, state.pt, train.jsonl, curve.png"),
+    out: str = typer.Option(..., "-o", "--out", help="output folder: student.pt, state.pt, train.jsonl, curve.png"),
     batch_size: int = typer.Option(_D.batch_size, "--batch-size"),
     lr: float = typer.Option(_D.lr, "--lr", help="AdamW peak learning rate (warmup, then cosine)"),
     wd: float = typer.Option(_D.wd, "--wd", help="AdamW weight decay (not on norms and biases)"),
-    seed: int = typer.Option(_D.seed, "--seed"),
+    seed: int = typer.Option(_D.seed, "--seed", help="seeds the student's initialisation (backbone and head), the data order and the augmentations"),
     input_size: int = typer.Option(None, "--input-size", help="default: convnet the image side rounded up to 32, others 224"),
     max_seconds: float = typer.Option(None, "--max-seconds", help="wall-clock budget: stop after the step that exceeds it"),
     max_steps: int = typer.Option(None, "--max-steps", help="stop after this many optimizer steps"),
@@ -56,6 +56,6 @@ def train(
                   resident=parse_resident(store_on_device), snapshots=snapshots, progress=not quiet)
     t = Table(title=f"train {student}")
     for k in ("checkpoint", "rows", "target_dim", "input_size", "device", "compiled", "epochs", "steps", "stopped",
-              "store_on_device", "resumed", "loss", "seconds", "samples_per_s"):
+              "store_on_device", "resumed", "trained_now", "loss", "seconds", "train_seconds", "samples_per_s"):
         t.add_row(k, f"{s[k]:.4g}" if isinstance(s[k], float) else str(s[k]))
     emit(s, json_out, t)

@@ -209,13 +209,18 @@ def _snapshot(job: _Job, k: int, loop: dict) -> Path:
 
 def _summary(job: _Job, loop: dict, resumed: bool) -> dict:
     cfg, loader, out_dir = job.cfg, job.loader, job.out_dir
-    rate = loop["run_samples"] / max(1e-9, loop["run_seconds"])
+    log = loop["log"]
+    if loop["run_samples"]:  # this call trained: its own rate
+        rate = loop["run_samples"] / max(1e-9, loop["run_seconds"])
+    else:  # resumed a finished run: the whole run's rate, from its epochs
+        rate = sum(r["samples_per_s"] * r["seconds"] for r in log) / max(1e-9, sum(r["seconds"] for r in log)) if log else 0.0
     return {
         "checkpoint": str(job.ckpt_path), "state": str(job.state_path), "log": str(out_dir / "train.jsonl"),
         "curve": str(out_dir / "curve.png"), "student": cfg.student, "input_size": job.size, "device": str(job.dev),
         "compiled": job.forward is not job.model, "store_on_device": loader.resident, "rows": loader.n,
         "target_dim": loader.dim, "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"],
-        "resumed": resumed, "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"], "samples_per_s": rate,
+        "resumed": resumed, "trained_now": bool(loop["run_samples"]), "seconds": loop["run_seconds"],
+        "train_seconds": loop["elapsed"], "samples_per_s": rate,
         "loss": last_loss(loop), "snapshots": loop["snapshots"],
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("run", "out", "progress")},
     }
