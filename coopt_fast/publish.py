@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +61,7 @@ def write_record(run: str | Path, name: str, features: Path) -> dict:
     rec = record_of(features, file_sha256(features))
     path = layout.record_path(run, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
+    store.write_atomic(path, json.dumps(rec, indent=1, sort_keys=True, allow_nan=False).encode())
     store.write_manifest(path.parent, layout.RECORD)
     return rec
 

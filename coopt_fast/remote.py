@@ -85,7 +85,6 @@ class Remote:
         self.url = url.rstrip("/")
         self.fs, self.root = _fs(self.url)
         self.mirror = mirror_of(self.url)
-        self.bytes_pulled = 0
 
     def _p(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
@@ -112,7 +111,7 @@ class Remote:
         except FileNotFoundError:
             return  # load_plan names what is missing
         self.mirror.mkdir(parents=True, exist_ok=True)
-        _write_atomic(layout.plan_path(self.mirror), data)
+        store.write_atomic(layout.plan_path(self.mirror), data)
 
     def pull(self, files: dict[str, tuple[str, ...]] | None = None) -> None:
         """plan.json, then for each participant (all of them: files=None) its manifest and the
@@ -141,7 +140,7 @@ class Remote:
             if dest.exists() and file_sha256(dest) == man[fname]:
                 continue
             self._get(name, man[fname], dest)
-        _write_atomic(folder / layout.MANIFEST, json.dumps({k: man[k] for k in sorted(man) if k in want}, indent=1).encode())
+        store.write_atomic(folder / layout.MANIFEST, json.dumps({k: man[k] for k in sorted(man) if k in want}, indent=1).encode())
         try:
             archived = self.fs.ls(self._p("participants", name, "rounds"), detail=False)
         except FileNotFoundError:
@@ -151,12 +150,13 @@ class Remote:
             if r.isdigit():
                 rman = self._manifest(self._p("participants", name, "rounds", r, layout.MANIFEST))
                 (folder / "rounds" / r).mkdir(parents=True, exist_ok=True)
-                _write_atomic(folder / "rounds" / r / layout.MANIFEST, json.dumps(rman, indent=1).encode())
+                store.write_atomic(folder / "rounds" / r / layout.MANIFEST, json.dumps(rman, indent=1).encode())
 
     def _manifest(self, key: str) -> dict:
         man = self._read_json(key) or {}
+        # a digest names an object key: 64 hex digits, nothing that could reach another key
         if not isinstance(man, dict) or not all(k in layout.PUBLISHED and isinstance(v, str) and len(v) == 64
-                                                for k, v in man.items()):
+                                                and set(v) <= set("0123456789abcdef") for k, v in man.items()):
             raise CooptError(f"{self.url}/{key[len(self.root) + 1:]}: not a manifest of published files and sha256s")
         return man
 
@@ -173,7 +173,6 @@ class Remote:
             tmp.unlink()
             raise CooptError(f"{self.url}/participants/{name}/objects/{digest}: content has sha256 {got[:12]}, not the "
                              f"{digest[:12]} its manifest names (changed in the store); refused")
-        self.bytes_pulled += tmp.stat().st_size
         os.replace(tmp, dest)
 
     # -- push --------------------------------------------------------------------------------
@@ -226,8 +225,11 @@ class Remote:
                 self.fs.pipe_file(key, json.dumps(me).encode(), mode="create")
                 break
             except FileExistsError:
-                other = self._read_json(key) or {}
-                if not _dead_here(other):
+                raw = self._read_json(key)
+                if raw is None:  # released meanwhile: try again
+                    continue
+                other = store.writer_record(raw)
+                if not (other and store.writer_gone(other)):
                     raise CooptError(f"{self.url}/participants/{name}/lock: another writer holds {name}'s prefix (pid "
                                      f"{other.get('pid')} on {other.get('host')} since {other.get('since')}); if "
                                      f"that process is gone, remove the lock object") from None
@@ -239,25 +241,6 @@ class Remote:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(key)
-
-
-def _dead_here(other: dict) -> bool:
-    """A lock written by a process of this host that is gone (kill -9): stale."""
-    if not isinstance(other, dict) or other.get("host") != socket.gethostname() or type(other.get("pid")) is not int:
-        return False
-    try:
-        os.kill(other["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError, ValueError):
-        return False
-    return store._proc_start(other["pid"]) != other.get("start", "")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

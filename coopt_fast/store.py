@@ -306,6 +306,29 @@ def _proc_start(pid: int) -> str:
         return ""
 
 
+def writer_record(other) -> dict:
+    """A lock's record (pid, host, start), or {} when it is not one coopt-fast wrote (a pid from 1
+    to 2**31 - 1 and a host name): a hand-edited pid must never reach os.kill (0 and -1 signal groups)."""
+    ok = (isinstance(other, dict) and type(other.get("pid")) is int and 0 < other["pid"] < 2**31
+          and isinstance(other.get("host"), str))
+    return other if ok else {}
+
+
+def writer_gone(other: dict) -> bool:
+    """The writer of a (valid) lock record is a process of this host that is gone (kill -9, or its
+    pid recycled): its lock is stale. One on another host cannot be checked from here."""
+    if other["host"] != socket.gethostname():
+        return False
+    pid = other["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return _proc_start(pid) != other.get("start", "")
+
+
 class Lock:
     """One writer per output file: NAME.lock holds pid, host and start time (O_EXCL create).
 
@@ -348,15 +371,10 @@ class Lock:
         raise CooptError(f"{self.path}: could not take the lock")
 
     def _read(self) -> dict:
-        """The lock's record, or {} when it is not one this class wrote (a pid from 1 to 2**31 - 1
-        and a host name): a hand-edited pid must never reach os.kill (0 and -1 signal groups)."""
         try:
-            other = json.loads(self.path.read_bytes().decode())
+            return writer_record(json.loads(self.path.read_bytes().decode()))
         except (OSError, ValueError, RecursionError):
             return {}
-        ok = (isinstance(other, dict) and type(other.get("pid")) is int and 0 < other["pid"] < 2**31
-              and isinstance(other.get("host"), str))
-        return other if ok else {}
 
     def _stale(self) -> bool:
         other = self._read()
@@ -365,16 +383,7 @@ class Lock:
                 return time.time() - self.path.stat().st_mtime > self.TORN_SECONDS
             except FileNotFoundError:  # removed meanwhile: free
                 return True
-        if other["host"] != socket.gethostname():
-            return False
-        pid = other["pid"]
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return _proc_start(pid) != other.get("start", "")
+        return writer_gone(other)
 
     def __exit__(self, *exc):
         self.path.unlink(missing_ok=True)
@@ -386,6 +395,13 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` whole: a temporary file beside it, renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def write_manifest(folder: Path, filename: str) -> str:

@@ -300,3 +300,22 @@ def test_cli_waiting_is_one_line_and_exit_75(tmp_path):
     assert r.exit_code == 75 and r.stderr.startswith("waiting: ") and r.stderr.count("\n") == 1, r.stderr
     assert "b has not published shared.h5" in r.stderr
     assert layout.shared_path(run, "a").exists() and not layout.upload_path(run, "a").exists()
+
+
+def test_object_store_manifest_naming_another_key_is_refused(s3, tmp_path, monkeypatch):
+    """A digest is an object key's last part: 64 hex digits, never a path to some other object."""
+    import fsspec
+
+    url = f"{s3}/hostile"
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    _as(monkeypatch, tmp_path, "platform")
+    coopt_fast.split("fashion-mnist", url, **SPLIT)
+    sneaky = ("../../../flow/participants/b/objects/" + "0" * 64)[:64]
+    fs.pipe_file("coopt/hostile/participants/a/manifest.json", json.dumps({"aligned.h5": sneaky}).encode())
+    with pytest.raises(CooptError, match="not a manifest of published files"):
+        coopt_fast.status(url)
+    # a lock whose pid is 0 or -1 is not a lock coopt-fast wrote: never taken over, never signalled
+    fs.pipe_file("coopt/hostile/participants/b/lock", json.dumps({"pid": -1, "host": os.uname().nodename}).encode())
+    _as(monkeypatch, tmp_path, "machine_b")
+    with pytest.raises(CooptError, match="another writer holds b's prefix"):
+        _extract(url, "b")
