@@ -1,0 +1,101 @@
+"""One process or a torchrun world: who am I, which device, the process groups, failing together.
+
+Every multi-rank step (extract, train, pretrain, score/align at large n) goes through `world()`
+and `process_group()`, so the rules live in one place:
+  - the world comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); without it,
+    rank 0 of 1 and nothing is initialised;
+  - on CUDA each rank pins cuda:LOCAL_RANK *before* NCCL starts (else every rank's NCCL
+    communicator lands on cuda:0);
+  - the model's collectives run on NCCL (CUDA) or gloo (CPU), while coordination (barriers,
+    small decisions) always runs on a gloo group: a rank that died is seen by gloo peers as a
+    closed connection within seconds, where NCCL would wait out its timeout;
+  - a rank that raises leaves the group without a barrier and exits non-zero; torchrun's agent
+    then stops the other ranks, and any peer blocked in a gloo barrier fails at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+
+# Coordination waits (rank 0 stitching, archiving) are bounded by this; a dead peer is seen much
+# sooner, as a closed connection.
+COORD_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def multi(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place in a torchrun world (rank 0 of 1 outside torchrun)."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def rank_device(dev: torch.device, w: World) -> torch.device:
+    """Under torchrun a CUDA device means this rank's GPU, cuda:LOCAL_RANK, made current."""
+    if dev.type == "cuda" and w.multi:
+        dev = torch.device("cuda", w.local_rank)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+_coord = None  # the gloo group for coordination while a process group is up
+
+
+@contextlib.contextmanager
+def process_group(dev: torch.device, w: World | None = None):
+    """Bring up the default process group (NCCL on CUDA, gloo on CPU) plus a gloo group for
+    coordination; yields the World. A no-op in one process. On an exception the group is torn
+    down without a barrier (a barrier would wait for the peers this rank just abandoned)."""
+    global _coord
+    w = w or world()
+    if not w.multi:
+        yield w
+        return
+    import torch.distributed as dist
+
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    kw = {"device_id": dev} if backend == "nccl" else {}
+    dist.init_process_group(backend, timeout=COORD_TIMEOUT, **kw)
+    coord = _coord = dist.new_group(backend="gloo", timeout=COORD_TIMEOUT) if backend == "nccl" else dist.group.WORLD
+    ok = False
+    try:
+        yield w
+        ok = True
+    finally:
+        _coord = None
+        if ok:
+            dist.barrier(group=coord)  # nobody tears down while a peer still sends
+            dist.destroy_process_group()
+        else:
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank, over gloo (a dead peer fails it fast). No-op in one process."""
+    if _coord is not None:
+        import torch.distributed as dist
+
+        dist.barrier(group=_coord)
+
+
+def coord_group():
+    """The gloo group for small CPU-tensor collectives (None in one process)."""
+    return _coord
