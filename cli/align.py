@@ -6,28 +6,30 @@ from rich.table import Table
 import coopt_fast
 from coopt_fast.scores import DEFAULT_SCORE, SCORES
 
+from . import options as o
 from .app import command, emit
 
 
 @command
 def align(
     run: str = typer.Argument(..., help="run folder"),
-    dim: int = typer.Option(512, "--dim", help="n, the common target dimension"),
-    participant: Optional[str] = typer.Option(None, "--participant", help="align only this participant (local mode)"),
-    reference: str = typer.Option("consensus", "--reference", help="consensus (default: the top-n directions of everyone's features on S) | best (by --score) | NAME | none (W only, no alignment)"),
-    score: str = typer.Option(DEFAULT_SCORE, "--score",
+    dim: int = typer.Option(512, "--dim", help="n, the common target dimension", metavar="N"),
+    participant: Optional[str] = typer.Option(None, "--participant", metavar="NAME", help="align only this participant (local mode)"),
+    reference: str = typer.Option("consensus", "--reference", metavar="consensus|best|NAME|none", help="consensus (default: the top-n directions of everyone's features on S) | best (by --score) | NAME | none (W only, no alignment)"),
+    score: o.Score = typer.Option(DEFAULT_SCORE, "--score",
                               help=f"how --reference best ranks the priors on S: {' | '.join(SCORES)} "
                                    "(uniformity: the paper's; see README 'How the reference is chosen')"),
-    ridge: Optional[float] = typer.Option(None, "--ridge", help="ridge λ for the fit (default: auto, see README)"),
-    target_dtype: str = typer.Option("float16", "--target-dtype", help="float16 | bfloat16 | int8 (row scale) | int8-dim (dimension scale)"),
-    force: bool = typer.Option(False, "--force", help="realign over existing aligned.h5 files (without it, one made "
+    ridge: Optional[float] = typer.Option(None, "--ridge", metavar="LAMBDA", help="ridge λ for the fit (default: auto, see README)"),
+    target_dtype: o.TargetDtype = typer.Option("float16", "--target-dtype", help="how targets are stored: int8 with a scale per row, int8-dim with a scale per dimension"),
+    force: bool = o.flag("--force", "realign over existing aligned.h5 files (without it, one made "
                                "with other settings or features is refused; an identical one is left as it is)"),
-    workspace: Optional[str] = typer.Option(None, "--workspace", help="with --participant: the folder holding your "
+    workspace: Optional[str] = typer.Option(None, "--workspace", metavar="DIR", help="with --participant: the folder holding your "
                                             "features.h5 (default RUN/participants/NAME)"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bar"),
-    json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+    quiet: bool = o.quiet_flag(),
+    json_out: bool = o.json_flag(),
 ):
-    """Step 2b: project features to n dims and align them to the reference prior -> aligned.h5.
+    """Step 4 of 5, each participant: project features to n dims, align them to the reference -> aligned.h5.
+
 
     With --participant, only that participant aligns, reading its own features (in --workspace)
     and what the others published: their records (--reference best ranks them), their projected

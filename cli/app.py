@@ -11,10 +11,33 @@ import numpy as np
 
 import typer
 from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
 
 from coopt_fast.errors import CooptError, DiskFullError, is_disk_full
 
+class _OneLineUsageErrors(TyperGroup):
+    """A usage error (unknown command or option, a bad choice, a missing or unparsable value) is
+    one line, `error: ...`, and exit 2, like every other refusal: in the console script and under
+    CliRunner alike (Typer would print a boxed panel with the usage)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except Exception as e:  # click's UsageError family (Typer vendors click: matched by its interface)
+            if not (hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int)):
+                raise
+            ctx = getattr(e, "ctx", None)
+            where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            print(f"error: {e.format_message()}{where}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="coopt-fast: collaborative data optimization (COOPT) — split a data set among participants, "
     "turn each shard into targets with a prior model, align, merge, and train a student on them.",
     no_args_is_help=True,
@@ -35,7 +58,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
-                                       help="print the version and exit")) -> None:
+                                       help="print the version and exit", metavar="")) -> None:
     """coopt-fast: collaborative data optimization (COOPT) — split a data set among participants,
     turn each shard into targets with a prior model, align, merge, and train a student on them."""
 
@@ -84,6 +107,17 @@ def command(fn):
     return app.command()(wrapper)
 
 
+def kv_table(title: str, summary: dict, keys, fmt: str = ".4g") -> Table:
+    """A two-column key/value table without the empty header row a headerless Table prints."""
+    t = Table(title=title, show_header=False)
+    t.add_column("key", style="bold")
+    t.add_column("value")
+    for k in keys:
+        v = summary[k]
+        t.add_row(k, f"{v:{fmt}}" if isinstance(v, float) else str(v))
+    return t
+
+
 def emit(summary: dict, as_json: bool, table=None) -> None:
     """--json: the summary on stdout; otherwise the rich table (if any) on stderr. The summary's
     "warnings" go to stderr, one line each, either way."""
@@ -105,3 +139,25 @@ def _finite(v):
     if isinstance(v, (np.ndarray, np.generic)):
         return _finite(v.tolist())
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def synopsis(name: str) -> str:
+    """`coopt-fast NAME ARGS [--option VALUE] ...` built from the command's own parameters: the
+    README's command table holds these lines, and tests/test_cli_vocabulary.py checks they match."""
+    import typer.main
+
+    words = [f"coopt-fast {name}"]
+    for p in typer.main.get_command(app).commands[name].params:
+        if p.param_type_name == "argument":  # Typer's own parameter classes: matched by interface
+            words.append(p.name.upper())
+            continue
+        if p.name == "help":
+            continue
+        opt = max(p.opts, key=len)
+        if p.is_flag:
+            w = f"{opt}/{max(p.secondary_opts, key=len)}" if p.secondary_opts else opt
+        else:
+            d = p.type_descriptor
+            w = f"{opt} {'|'.join(map(str, d.choices)) if d.is_choice else (p.metavar or p.name.upper())}"
+        words.append(w if p.required else f"[{w}]")
+    return " ".join(words)

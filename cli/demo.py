@@ -3,8 +3,9 @@ import math
 import typer
 from rich.table import Table
 
-from coopt_fast.demo import DemoConfig, demo as run_demo
+from coopt_fast.demo import DemoConfig, demo as run_demo  # demo.py is torch-free at import
 
+from . import options as o
 from .app import command, console, emit
 
 _D = DemoConfig()
@@ -12,18 +13,18 @@ _D = DemoConfig()
 
 @command
 def demo(
-    out: str = typer.Option(_D.out, "-o", "--out", help="folder for the run, checkpoints, logs and summary.json"),
-    limit: int = typer.Option(_D.limit, "--limit", help="samples of Fashion-MNIST train in D (60000 = all)"),
-    participants: int = typer.Option(_D.participants, "--participants", "-k"),
-    priors: str = typer.Option(_D.priors, "--priors", help="one kind per participant: supervised, byol, simclr, weak, random, labels"),
-    dim: int = typer.Option(_D.dim, "--dim", help="n, the common target dimension"),
-    student_epochs: int = typer.Option(_D.student_epochs, "--student-epochs"),
-    probe_train: int = typer.Option(_D.probe_train, "--probe-train", help="labelled train images for the probes"),
-    probe_test: int = typer.Option(_D.probe_test, "--probe-test", help="test images for the probes (10000 = all)"),
-    device: str = typer.Option(_D.device, "--device", help="cpu or cuda"),
-    seed: int = typer.Option(_D.seed, "--seed", help="seeds the split, the priors (participant i's random prior: seed + i), the student and the baseline"),
-    quiet: bool = typer.Option(False, "--quiet", help="no progress bars"),
-    json_out: bool = typer.Option(False, "--json", help="print the summary as JSON on stdout"),
+    out: str = o.out("folder for the run (OUT/run), checkpoints, logs and summary.json", _D.out),
+    limit: int = typer.Option(_D.limit, "--limit", metavar="N", help="use the first N samples of Fashion-MNIST train as D (60000 = all)"),
+    participants: int = typer.Option(_D.participants, "--participants", "-k", metavar="K", help="K, the number of participants (one shard each)"),
+    priors: str = typer.Option(_D.priors, "--priors", metavar="KINDS", help="one kind per participant: supervised, byol, simclr, weak, random, labels"),
+    dim: int = typer.Option(_D.dim, "--dim", metavar="N", help="n, the common target dimension"),
+    student_epochs: int = typer.Option(_D.student_epochs, "--student-epochs", metavar="N"),
+    probe_train: int = typer.Option(_D.probe_train, "--limit-train", metavar="N", help="the probes are fit on the first N labelled train images"),
+    probe_test: int = typer.Option(_D.probe_test, "--limit-test", metavar="N", help="the probes are scored on the first N test images (10000 = all)"),
+    device: str = o.device(),
+    seed: int = o.seed("the split, the priors (participant i's random prior: seed + i), the student and the baseline", _D.seed),
+    quiet: bool = o.quiet_flag(),
+    json_out: bool = o.json_flag(),
 ):
     """The whole COOPT story on Fashion-MNIST: priors, split among K participants, parallel
     extraction, score, align, merge, student training and probes, against BYOL trained for

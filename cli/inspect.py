@@ -5,16 +5,17 @@ from rich.table import Table
 
 import coopt_fast
 
+from . import options as o
 from .app import command, emit
 
 
 @command
 def inspect(
     run: str = typer.Argument(..., help="run folder"),
-    no_plot: bool = typer.Option(False, "--no-plot", help="skip RUN/inspect.png"),
-    json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+    no_plot: bool = o.flag("--no-plot", "skip RUN/inspect.png"),
+    json_out: bool = o.json_flag(),
 ):
-    """U, fit residuals and the target inconsistency G before/after alignment; plots RUN/inspect.png."""
+    """After align: U, fit residuals and the target inconsistency G before/after alignment; plots RUN/inspect.png."""
     s = coopt_fast.inspect(run, plot=not no_plot)
     g, ci = s["inconsistency"], s["inconsistency_ci95"]
     t = Table(title=f"G (two-sample TV lower bound, 95% CI) before alignment {g['before']:.3f} "

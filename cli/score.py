@@ -4,16 +4,17 @@ from rich.table import Table
 import coopt_fast
 from coopt_fast.scores import DEFAULT_SCORE, SCORES
 
+from . import options as o
 from .app import command, emit
 
 
 @command
 def score(
     run: str = typer.Argument(..., help="run folder"),
-    by: str = typer.Option(DEFAULT_SCORE, "--by", help=f"rank by {' | '.join(SCORES)} (align --score uses the same)"),
-    json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+    by: o.Score = typer.Option(DEFAULT_SCORE, "--by", help=f"rank by {' | '.join(SCORES)} (align --score uses the same)"),
+    json_out: bool = o.json_flag(),
 ):
-    """Rank the participants' priors by label-free scores on the shared set S.
+    """Step 3, before align: rank the participants' priors by label-free scores on the shared set S.
 
     uniformity (the paper's; lower = better) is biased on post-ReLU features and always picks
     one-hot labels; uniformity-centred (the default; lower = better) scores the spread around

@@ -5,23 +5,25 @@ from rich.table import Table
 
 import coopt_fast
 
+from . import options as o
 from .app import command, emit
 
 
 @command
 def split(
     dataset: str = typer.Argument(..., help="fashion-mnist[:test] | folder:PATH | npy:IMAGES.npy[,LABELS.npy]"),
-    out: str = typer.Option(..., "-o", "--out", help="run folder to create (the platform)"),
-    participants: int = typer.Option(4, "--participants", "-k", help="K, the number of shards"),
-    shared_fraction: float = typer.Option(0.05, "--shared-fraction", help="|S|/N: the shared set used for scoring and alignment"),
-    seed: int = typer.Option(0, "--seed", help="seeds the shards and S (the same seed and data give the same plan)"),
-    sizes: Optional[str] = typer.Option(None, "--sizes", help="relative shard sizes w1,..,wK (default: balanced)"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="keep only the first N samples"),
-    force: bool = typer.Option(False, "--force", help="replace an existing, different plan.json (orphans the "
+    out: str = o.out("run folder to create (the platform)"),
+    participants: int = typer.Option(4, "--participants", "-k", help="K, the number of shards", metavar="K"),
+    shared_fraction: float = typer.Option(0.05, "--shared-fraction", metavar="F", help="|S|/N: the shared set used for scoring and alignment"),
+    seed: int = o.seed("the shards and S (the same seed and data give the same plan)"),
+    sizes: Optional[str] = typer.Option(None, "--sizes", metavar="W1,..,WK", help="relative shard sizes w1,..,wK (default: balanced)"),
+    limit: Optional[int] = o.limit("DATASET"),
+    force: bool = o.flag("--force", "replace an existing, different plan.json (orphans the "
                                "participants' uploads made for it)"),
-    json_out: bool = typer.Option(False, "--json", help="print a JSON summary on stdout"),
+    json_out: bool = o.json_flag(),
 ):
-    """Step 1: split DATASET into K disjoint shards and a shared set S; write RUN/plan.json.
+    """Step 1 of 5, the platform: split DATASET into K disjoint shards and a shared set S -> OUT/plan.json.
+
 
     Over an existing plan: the same split leaves it unchanged; a different one is refused
     unless --force."""

@@ -3,15 +3,16 @@ from rich.table import Table
 
 import coopt_fast
 
+from . import options as o
 from .app import command, emit
 
 
 @command
 def status(
     run: str = typer.Argument(..., help="run folder"),
-    json_out: bool = typer.Option(False, "--json", help="print the progress as JSON on stdout"),
+    json_out: bool = o.json_flag(),
 ):
-    """Each participant's progress (rows done / total, rows/s, ETA), read live while extract runs."""
+    """Any time: each participant's progress (rows done / total, rows/s, ETA), read live while extract runs."""
     s = coopt_fast.status(run)
     t = Table(title=f"{run}: {s['shards_started']} of {s['shards']} shards started "
               f"({len(s['participants'])} participants)" + (", merged" if s["merged"] else ""))

@@ -3,15 +3,16 @@ from rich.table import Table
 
 import coopt_fast
 
+from . import options as o
 from .app import command, emit
 
 
 @command
 def verify(
     run: str = typer.Argument(..., help="run folder"),
-    json_out: bool = typer.Option(False, "--json", help="print the checks as JSON on stdout"),
+    json_out: bool = o.json_flag(),
 ):
-    """Check every file in RUN (checksums, completion, format version, plan, hashes); exit 1 on any fault."""
+    """Any time: check every file in RUN (checksums, completion, format version, plan, hashes); exit 1 on any fault."""
     s = coopt_fast.verify(run)
     t = Table(title=f"verify {run}: {'all fine' if s['ok'] else 'FAULTS FOUND'}")
     for c in ("file", "", "checks"):

@@ -14,10 +14,13 @@ from .errors import CooptError
 # `coopt-fast --help` or `status`) must not pay for torch and torchvision.
 _STEPS = {"split": "plan", "extract": "extract", "score": "ranking", "align": "align", "merge": "merge",
           "inspect": "diagnostics", "status": "status", "verify": "verify", "pretrain": "ssl", "train": "student",
-          "probe": "evaluate"}
+          "probe": "evaluate", "demo": "demo",
+          # the options of train, pretrain, probe and demo as dataclasses (torch-free modules)
+          "TrainConfig": "configs", "PretrainConfig": "configs", "ProbeConfig": "configs", "DemoConfig": "demo"}
 
 __all__ = ["split", "extract", "score", "align", "merge", "inspect", "status", "verify",
-           "pretrain", "train", "probe", "CooptError"]
+           "pretrain", "train", "probe", "demo", "TrainConfig", "PretrainConfig", "ProbeConfig", "DemoConfig",
+           "CooptError"]
 __version__ = "0.1.0"
 
 

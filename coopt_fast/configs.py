@@ -18,8 +18,8 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
     force: bool = False              # start over in an OUT that holds a run (without it: refused)
-    device: str = "cpu"
-    compile: bool = True             # CUDA only
+    device: str = "auto"
+    compile: bool | None = None      # None: on CUDA only; True: anywhere
     resident: bool | None = None     # merged store in device memory (StoreLoader); None: if it fits
     max_seconds: float | None = None  # wall-clock budget of this call; stop after the step that exceeds it
     max_steps: int | None = None      # stop after this many optimizer steps in all (smoke runs, tests)
@@ -47,8 +47,8 @@ class PretrainConfig:
     max_steps: int | None = None
     resume: bool = False
     force: bool = False               # start over in an OUT that holds a run
-    device: str = "cpu"
-    compile: bool = True              # CUDA only
+    device: str = "auto"
+    compile: bool | None = None       # None: on CUDA only; True: anywhere
     progress: bool = True
     tau_base: float = 0.99            # BYOL
     temperature: float = 0.2          # SimCLR

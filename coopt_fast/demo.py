@@ -43,7 +43,7 @@ class DemoConfig:
     batch_size: int = 128
     probe_train: int = 10000          # labelled train images for the probes
     probe_test: int = 2000            # test images for the probes
-    device: str = "cpu"
+    device: str = "auto"
     seed: int = 0
 
 
@@ -64,8 +64,8 @@ def check_config(cfg: DemoConfig) -> None:
 
     resolve_device(cfg.device)
     for flag, v in (("--participants", cfg.participants), ("--limit", cfg.limit), ("--dim", cfg.dim),
-                    ("--student-epochs", cfg.student_epochs), ("--probe-train", cfg.probe_train),
-                    ("--probe-test", cfg.probe_test)):
+                    ("--student-epochs", cfg.student_epochs), ("--limit-train", cfg.probe_train),
+                    ("--limit-test", cfg.probe_test)):
         if v < 1:
             raise CooptError(f"{flag} must be >= 1, got {v}")
     if cfg.participants > cfg.limit:
@@ -124,7 +124,48 @@ def _extract_in_parallel(run: Path, jobs: list[tuple[str, int, str, int]], log_d
         raise CooptError("extraction failed for " + ", ".join(failed))
 
 
-def demo(cfg: DemoConfig, progress: bool = True) -> dict:
+def _config(cfg: DemoConfig | None, options: dict) -> DemoConfig:
+    if cfg is None:
+        return DemoConfig(**options)
+    if options:
+        raise TypeError(f"demo: pass either cfg or keyword options, not both ({', '.join(options)})")
+    return cfg
+
+
+def _folders(cfg: DemoConfig) -> tuple[Path, Path, Path, Path]:
+    """OUT, OUT/run (started afresh: a demo run begins from a new plan), OUT/checkpoints (prior
+    checkpoints stay cached), OUT/logs."""
+    out = Path(cfg.out)
+    run, ckpts, logs = out / "run", out / "checkpoints", out / "logs"
+    for d in (ckpts, logs):
+        d.mkdir(parents=True, exist_ok=True)
+    if run.exists():
+        import shutil
+
+        shutil.rmtree(run)
+    return out, run, ckpts, logs
+
+
+def demo(cfg: DemoConfig | None = None, progress: bool = True, **options) -> dict:
+    """The whole COOPT story on Fashion-MNIST (what `coopt-fast demo` runs); see the module doc.
+
+    Args:
+        cfg: every setting as a DemoConfig; or leave it None and pass DemoConfig's fields as
+            keyword `options` (out="runs/demo", limit=8000, participants=4, priors=..., dim=256,
+            student_epochs=3, probe_train=10000, probe_test=2000, device="auto", seed=0, ...).
+        progress: progress bars (or plain lines without a terminal) on stderr.
+
+    Returns:
+        The summary also written to OUT/summary.json: "participants" (prior, U on S, residual),
+        "inconsistency" (G before/after), "student" and "baseline" (probe and kNN accuracy,
+        seconds), "seconds" per step, "run" (the run folder, OUT/run), "student_dir",
+        "inspect_png".
+
+    Raises:
+        CooptError: a bad option (checked before any work; the previous OUT/run survives) or a
+            failing step. TypeError: an unknown option name.
+    """
+    cfg = _config(cfg, options)
     from .align import align  # the steps, imported when the demo runs (not for --help)
     from .diagnostics import inspect
     from .evaluate import probe
@@ -135,14 +176,7 @@ def demo(cfg: DemoConfig, progress: bool = True) -> dict:
     from .student import train
 
     check_config(cfg)
-    out = Path(cfg.out)
-    run, ckpts, logs = out / "run", out / "checkpoints", out / "logs"
-    for d in (ckpts, logs):
-        d.mkdir(parents=True, exist_ok=True)
-    if run.exists():  # a demo run starts from a fresh plan; prior checkpoints stay cached
-        import shutil
-
-        shutil.rmtree(run)
+    out, run, ckpts, logs = _folders(cfg)
     seconds: dict[str, float] = {}
 
     def timed(step, fn, *a, **kw):

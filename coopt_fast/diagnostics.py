@@ -131,7 +131,21 @@ def inspect(run: str | Path, plot: bool = True, seed: int = 0, classifier: str =
     """U, residuals, G before/after (tv_lower_bound, 95% CI); writes RUN/inspect.png (targets in 2-D).
 
     Reads the uploads alone (no features.h5): each carries the W-only targets of a seeded sample
-    of its shard rows (sample/projected, "before") beside its aligned targets ("after")."""
+    of its shard rows (sample/projected, "before") beside its aligned targets ("after").
+
+    Args:
+        run: the run folder.
+        plot: write RUN/inspect.png.
+        seed: seeds the classifier behind G and its train/test split.
+        classifier: "mlp", "knn" or "linear", the two-sample classifier behind G.
+
+    Returns:
+        participants (U on S, residual, reference), inconsistency {before, after} and
+        inconsistency_ci95, and plot (the PNG's path, or None).
+
+    Raises:
+        CooptError: no aligned participant yet, or an upload that fails its checks.
+    """
     run = Path(run)
     names = layout.uploads(run)
     if not names:

@@ -142,14 +142,32 @@ def _labelled(spec: str, limit: int | None, flag: str) -> Dataset:
     return ds
 
 
-def probe(ckpt: str, train: str, test: str, *, arch: str | None = None, limit_train: int | None = None,
-          limit_test: int | None = None, device: str = "cpu", progress: bool = True, **kwargs) -> dict:
+def probe(ckpt: str, train: str = "fashion-mnist", test: str = "fashion-mnist:test", *, arch: str | None = None,
+          limit_train: int | None = None, limit_test: int | None = None, device: str = "auto", progress: bool = True,
+          **kwargs) -> dict:
     """Linear-probe and kNN accuracy of `ckpt`'s frozen features (train split -> test split).
 
-    kwargs: ProbeConfig fields (epochs, lr, k, temperature, seed, ...).
+    Args:
+        ckpt: a checkpoint from train/pretrain, "ARCH:CHECKPOINT", or "ARCH" (random init).
+        train: labelled data set spec the classifiers are fit on.
+        test: labelled data set spec they are scored on.
+        arch: the architecture, when the checkpoint does not record it.
+        limit_train: use the first N train samples only (None: all).
+        limit_test: use the first N test samples only (None: all).
+        device: "auto" (cuda if present), "cpu", "cuda" or "cuda:N".
+        progress: progress bars (or plain lines without a terminal) on stderr.
+        **kwargs: ProbeConfig fields: epochs=100, lr=0.1, probe_batch=512, min_steps=1000,
+            k=20 (CLI --neighbours), temperature=0.07, seed=0, batch_size=256 (feature extraction).
+
+    Returns:
+        probe_accuracy, knn_accuracy, seconds (feature_seconds, probe_seconds), arch, dim,
+        n_train, n_test, classes, method, device, protocol (the ProbeConfig used).
+
+    Raises:
+        CooptError: a bad option, an unlabelled data set, an unreadable checkpoint.
     """
     cfg = ProbeConfig(**kwargs)
-    for flag, v in (("--epochs", cfg.epochs), ("--k", cfg.k), ("--limit-train", limit_train),
+    for flag, v in (("--epochs", cfg.epochs), ("--neighbours", cfg.k), ("--limit-train", limit_train),
                     ("--limit-test", limit_test), ("batch_size", cfg.batch_size), ("probe_batch", cfg.probe_batch)):
         if v is not None and v < 1:
             raise CooptError(f"{flag} must be >= 1, got {v}")

@@ -139,18 +139,46 @@ def extract(
     shard: int,
     prior: str,
     batch_size: int = 256,
-    device: str = "cpu",
+    device: str = "auto",
     round: int = 0,
     seed: int = 0,
     decoder: str = "auto",
-    compile: bool = False,
+    compile: bool | None = None,
     on_bad_image: str = "fail",
     workers: int | None = None,
     progress: bool = True,
     workspace: str | Path | None = None,
 ) -> dict:
     """Compute features of shard `shard` and of S with prior `prior`; write features.h5 in the
-    participant's workspace (default RUN/participants/NAME) and publish its record.json."""
+    participant's workspace (default RUN/participants/NAME) and publish its record.json.
+
+    Resumable: interrupted (even by kill -9) and called again with the same arguments, it goes
+    on from the last written batch and ends with the same bytes as an uninterrupted run.
+
+    Args:
+        run: the run folder made by split (or an s3:// URL).
+        participant: this participant's name (letters, digits, _ . -).
+        shard: which shard of the plan is this participant's (one participant per shard).
+        prior: "ARCH", "ARCH:CHECKPOINT" (.pt/.pth/.safetensors) or "labels".
+        batch_size: images per model call.
+        device: "auto" (cuda if present), "cpu", "cuda" or "cuda:N".
+        round: collaboration round; above the published round it archives that round first.
+        seed: seeds a checkpoint-less prior's random initialisation.
+        decoder: "auto" (the faster one measured for this input), "dali" or "torchvision".
+        compile: torch.compile the prior; None: on CUDA only.
+        on_bad_image: "fail" (name the file and stop) or "skip" (record it, write a zero row).
+        workers: decode threads/processes (None: min(4, cores)).
+        progress: progress bars (or plain lines without a terminal) on stderr.
+        workspace: the folder for features.h5 (None: RUN/participants/NAME).
+
+    Returns:
+        A summary: prior, round, archived, rows, shared_rows, skipped_images, feature_dim,
+        uniformity on S, decoder, seconds, compile_seconds, model_seconds, resumed, skipped.
+
+    Raises:
+        CooptError: bad options, a shard held by someone else, a bad image (with "fail"),
+            NaN/Inf features; DiskFullError (a CooptError) when the disk fills (the partial stays).
+    """
     _check_options(batch_size, round, workers, on_bad_image, seed)
     job = _resolve(Path(run), participant, shard, prior, round, seed, workspace,
                    Options(batch_size, device, decoder, compile, on_bad_image, workers, progress))
@@ -242,16 +270,18 @@ def _resolve(run: Path, participant: str, shard: int, prior: str, round: int, se
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     dec = "none" if p.model is None else choose_decoder(o.decoder, ds, dev, p.input_size)
+    # None: compile on CUDA only (on the CPU, Inductor's compile time exceeds what it saves here).
+    compiled = (dev.type == "cuda") if o.compile is None else bool(o.compile)
     # What must match for old rows to be reused (batch size, threads, decoder workers need not).
     identity = {
         "participant": participant, "shard": int(shard), "prior": prior, "seed": int(seed), "round": int(round),
         "checkpoint_sha256": p.checkpoint_sha256 or "", "dataset_sha256": plan["fingerprint"]["sha256"],
-        "decoder": dec, "compile": bool(o.compile), "on_bad_image": o.on_bad_image,
+        "decoder": dec, "compile": compiled, "on_bad_image": o.on_bad_image,
     }
     return Job(run=run, participant=participant, out=out,
                part=out.with_name(f"features.rank{rank}.h5") if world > 1 else out, identity=identity, plan=plan,
                rows={"shared": np.asarray(plan["shared"], dtype=np.int64), "shard": idx}, prior=p, ds=ds, device=dev,
-               decoder=dec, batch_size=o.batch_size, compile=o.compile, on_bad_image=o.on_bad_image,
+               decoder=dec, batch_size=o.batch_size, compile=compiled, on_bad_image=o.on_bad_image,
                workers=o.workers if o.workers is not None else min(4, os.cpu_count() or 1), rank=rank, world=world,
                progress=o.progress)
 

@@ -242,7 +242,22 @@ def merge(run: str | Path, allow_missing: bool = False, progress: bool = True, f
     """Validate uploads and write RUN/merged.h5 (atomically: merged.h5.partial, then rename).
 
     An existing merged.h5 made from the same uploads is kept (summary "skipped": True); one made
-    from other inputs is replaced only with force=True."""
+    from other inputs is replaced only with force=True.
+
+    Args:
+        run: the run folder (or an s3:// URL: merged.h5 is written to the local mirror).
+        allow_missing: merge even when some shards have no upload.
+        progress: progress bars (or plain lines without a terminal) on stderr.
+        force: replace a merged.h5 made from other inputs.
+
+    Returns:
+        A summary: path, rows, dim, participants, missing_shards, coverage, images, seconds, skipped.
+
+    Raises:
+        CooptError: an upload that disagrees with the plan or the others (dim, reference, dtype,
+            indices, non-finite values), missing shards without allow_missing, a different
+            merged.h5 without force.
+    """
     run = Path(run)
     t0 = time.perf_counter()
     plan = load_plan(run)

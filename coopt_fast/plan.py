@@ -47,6 +47,22 @@ def split(
     (largest-remainder rounding, every shard >= 1 sample). S is round(F·N) >= 1 samples drawn
     from D independently of the shards: every participant also extracts S.
     `out` may be an object store URL (s3://bucket/prefix): the plan is written there.
+
+    Args:
+        dataset: data set spec: "fashion-mnist[:test]", "folder:PATH" or "npy:IMAGES.npy[,LABELS.npy]".
+        out: the run folder to create (or an s3:// URL).
+        participants: K, the number of shards.
+        shared_fraction: |S|/N, the share of D drawn as the shared set S (scoring, alignment).
+        seed: seeds the shards and S; the same seed and data give the same plan.
+        sizes: relative shard sizes w1..wK (None: balanced).
+        limit: use the first N samples of the data set only (None: all).
+        force: replace an existing, different plan.json (orphans uploads made for it).
+
+    Returns:
+        The plan (dataset, fingerprint, shards, shared, seed, ...) plus "unchanged" and "warnings".
+
+    Raises:
+        CooptError: a bad option or data set, or a different plan already in `out` without force.
     """
     from . import remote
 

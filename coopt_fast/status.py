@@ -74,7 +74,18 @@ def rounds_of(folder: Path) -> list[int]:
 def status(run: str | Path) -> dict:
     """Per participant: extraction state, rows done/total, rows/s, ETA; whether aligned; its rounds.
     A participant whose workspace is elsewhere shows what it published (record.json, aligned.h5):
-    its extraction progress is visible only in its own workspace."""
+    its extraction progress is visible only in its own workspace.
+
+    Args:
+        run: the run folder (read live, while extract writes).
+
+    Returns:
+        shards, shards_started, merged, and participants: [{participant, shard, state, rows_done,
+        rows_total, rate, eta_seconds, aligned, rounds}].
+
+    Raises:
+        CooptError: no plan in RUN (naming a run one level down when there is one).
+    """
     run = Path(run)
     plan = load_plan(run)
     pdir = run / "participants"

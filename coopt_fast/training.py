@@ -61,9 +61,10 @@ def autocast(dev: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
 
 
-def maybe_compile(module: nn.Module, dev: torch.device, compile: bool):
-    """torch.compile on CUDA only: on the CPU, Inductor's compile time (~1 min) exceeds what it saves."""
-    return torch.compile(module) if compile and dev.type == "cuda" else module
+def maybe_compile(module: nn.Module, dev: torch.device, compile: bool | None):
+    """compile None (the default): torch.compile on CUDA only, since on the CPU Inductor's compile
+    time (~1 min for a ResNet-18) exceeds what it saves; True: compile anywhere; False: never."""
+    return torch.compile(module) if (dev.type == "cuda" if compile is None else compile) else module
 
 
 # ---- options -------------------------------------------------------------------------------

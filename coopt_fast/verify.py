@@ -78,7 +78,18 @@ def _check_file(path: Path, what: str, plan: dict | None, shard: int | None) -> 
 
 @remote.on_platform
 def verify(run: str | Path) -> dict:
-    """A table of checks for every file in RUN; `ok` is False if any check failed."""
+    """A table of checks for every file in RUN; `ok` is False if any check failed.
+
+    Args:
+        run: the run folder.
+
+    Returns:
+        {"ok": bool, "checks": [{"file", "check", "ok", "detail"}, ...]}: checksums, completion,
+        format version, plan agreement, manifest hashes, finite values.
+
+    Raises:
+        Nothing for faults in RUN: each is a failed check (a missing or unreadable plan too).
+    """
     run = Path(run)
     checks: list[dict] = []
 

@@ -322,7 +322,7 @@ def test_extract_sizes(run, args, field):
 
 
 def test_extract_on_bad_image_choice(free):  # the labels prior decodes nothing: it went unchecked
-    refused(free.parent, ("extract", free, *EXTRACT_C, "--on-bad-image", "maybe"), "--on-bad-image 'maybe'")
+    refused(free.parent, ("extract", free, *EXTRACT_C, "--on-bad-image", "maybe"), "'--on-bad-image'", "'maybe'", "'skip'")
 
 
 def test_split_limit_beyond_int64(run, tmp_path):  # merge records --limit in an int64 attribute
@@ -335,16 +335,16 @@ def test_probe_labels_prior(tmp_path):
 
 @pytest.mark.parametrize("args, field", [
     (("-k", 0), "--participants"), (("--limit", 0), "--limit"), (("--dim", 0), "--dim"),
-    (("--student-epochs", 0), "--student-epochs"), (("--probe-train", 0), "--probe-train"),
-    (("--probe-test", -1), "--probe-test"), (("--priors", "labels,gpt"), "--priors"),
-], ids=["k", "limit", "dim", "epochs", "probe-train", "probe-test", "priors"])
+    (("--student-epochs", 0), "--student-epochs"), (("--limit-train", 0), "--limit-train"),
+    (("--limit-test", -1), "--limit-test"), (("--priors", "labels,gpt"), "--priors"),
+], ids=["k", "limit", "dim", "epochs", "limit-train", "limit-test", "priors"])
 def test_demo_options_checked_before_any_work(tmp_path, args, field):
     (tmp_path / "demo/run").mkdir(parents=True)  # a previous demo's run must survive a bad option
     refused(tmp_path, ("demo", "--out", tmp_path / "demo", "--quiet", *args), field)
 
 
 @pytest.mark.parametrize("args, field", [
-    (("--epochs", 0), "--epochs"), (("--k", 0), "--k"), (("--seed", -1), "--seed"),
+    (("--epochs", 0), "--epochs"), (("--neighbours", 0), "--neighbours"), (("--seed", -1), "--seed"),
     (("--limit-train", 0), "--limit-train"),
 ], ids=["epochs", "k", "seed", "limit-train"])
 def test_probe_options(tmp_path, args, field):

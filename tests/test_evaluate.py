@@ -104,7 +104,7 @@ def test_cli_pretrain_train_probe_json(tmp_path, merged_run):
 
 
 @pytest.mark.parametrize("args, msg", [
-    (("pretrain", "fashion-mnist", "--method", "moco", "--out", "{tmp}/p.pt"), "unknown method"),
+    (("pretrain", "fashion-mnist", "--method", "moco", "--out", "{tmp}/p.pt"), "'moco' is not one of"),
     (("pretrain", "nope", "--out", "{tmp}/p.pt"), "unknown dataset spec"),
     (("train", "{tmp}/missing", "--out", "{tmp}/s"), "merged store not found"),
     (("train", "{tmp}", "--out", "{tmp}/s", "--device", "tpu"), "device"),
