@@ -62,12 +62,13 @@ _coord = None  # the gloo group for coordination while a process group is up
 
 
 @contextlib.contextmanager
-def process_group(dev: torch.device, w: World | None = None, timeout: datetime.timedelta = COORD_TIMEOUT):
+def process_group(dev: torch.device, w: World | None = None, barrier_timeout: datetime.timedelta = COORD_TIMEOUT):
     """Bring up the default process group (NCCL on CUDA, gloo on CPU) plus a gloo group for
     coordination; yields the World. A no-op in one process. On an exception the group is torn
     down without a barrier (a barrier would wait for the peers this rank just abandoned).
-    `timeout` bounds every wait, barriers included: a step whose ranks may legitimately wait on
-    each other longer than COORD_TIMEOUT (extract: a resumed rank with hours left) passes more."""
+    `barrier_timeout` bounds the coordination group's barriers: a step whose ranks may wait on
+    each other longer than COORD_TIMEOUT (extract: a resumed rank with hours left) passes more.
+    Joining stays bounded by COORD_TIMEOUT (a rank that failed before joining never arrives)."""
     global _coord
     w = w or world()
     if not w.multi:
@@ -77,8 +78,9 @@ def process_group(dev: torch.device, w: World | None = None, timeout: datetime.t
 
     backend = "nccl" if dev.type == "cuda" else "gloo"
     kw = {"device_id": dev} if backend == "nccl" else {}
-    dist.init_process_group(backend, timeout=timeout, **kw)
-    coord = _coord = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else dist.group.WORLD
+    dist.init_process_group(backend, timeout=COORD_TIMEOUT, **kw)
+    own = backend == "nccl" or barrier_timeout != COORD_TIMEOUT  # else gloo's default group coordinates
+    coord = _coord = dist.new_group(backend="gloo", timeout=barrier_timeout) if own else dist.group.WORLD
     ok = False
     try:
         yield w
@@ -110,7 +112,7 @@ def _wait(group) -> None:
     except RuntimeError as e:  # gloo: "[.../pair.cc:N] Connection closed by peer ...", or a timeout
         why = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip() or type(e).__name__).splitlines()[0]).split(". ")[0]
         raise CooptError(f"rank {world().rank}: stopped waiting for the other ranks ({why[:200]}); "
-                         f"a rank failed: its own error says why") from None
+                         f"another rank failed or stalled: its own error says why") from None
 
 
 def coord_group():
