@@ -17,9 +17,12 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 
 import torch
+
+from .errors import CooptError
 
 # Coordination waits (rank 0 stitching, archiving) are bounded by this; a dead peer is seen much
 # sooner, as a closed connection.
@@ -59,10 +62,13 @@ _coord = None  # the gloo group for coordination while a process group is up
 
 
 @contextlib.contextmanager
-def process_group(dev: torch.device, w: World | None = None):
+def process_group(dev: torch.device, w: World | None = None, barrier_timeout: datetime.timedelta = COORD_TIMEOUT):
     """Bring up the default process group (NCCL on CUDA, gloo on CPU) plus a gloo group for
     coordination; yields the World. A no-op in one process. On an exception the group is torn
-    down without a barrier (a barrier would wait for the peers this rank just abandoned)."""
+    down without a barrier (a barrier would wait for the peers this rank just abandoned).
+    `barrier_timeout` bounds the coordination group's barriers: a step whose ranks may wait on
+    each other longer than COORD_TIMEOUT (extract: a resumed rank with hours left) passes more.
+    Joining stays bounded by COORD_TIMEOUT (a rank that failed before joining never arrives)."""
     global _coord
     w = w or world()
     if not w.multi:
@@ -73,7 +79,8 @@ def process_group(dev: torch.device, w: World | None = None):
     backend = "nccl" if dev.type == "cuda" else "gloo"
     kw = {"device_id": dev} if backend == "nccl" else {}
     dist.init_process_group(backend, timeout=COORD_TIMEOUT, **kw)
-    coord = _coord = dist.new_group(backend="gloo", timeout=COORD_TIMEOUT) if backend == "nccl" else dist.group.WORLD
+    own = backend == "nccl" or barrier_timeout != COORD_TIMEOUT  # else gloo's default group coordinates
+    coord = _coord = dist.new_group(backend="gloo", timeout=barrier_timeout) if own else dist.group.WORLD
     ok = False
     try:
         yield w
@@ -81,7 +88,7 @@ def process_group(dev: torch.device, w: World | None = None):
     finally:
         _coord = None
         if ok:
-            dist.barrier(group=coord)  # nobody tears down while a peer still sends
+            _wait(coord)  # nobody tears down while a peer still sends
             dist.destroy_process_group()
         else:
             with contextlib.suppress(Exception):
@@ -91,9 +98,21 @@ def process_group(dev: torch.device, w: World | None = None):
 def barrier() -> None:
     """Wait for every rank, over gloo (a dead peer fails it fast). No-op in one process."""
     if _coord is not None:
-        import torch.distributed as dist
+        _wait(_coord)
 
-        dist.barrier(group=_coord)
+
+def _wait(group) -> None:
+    """A gloo barrier. A peer that left (it failed, or torchrun stopped it) fails it as a closed
+    connection: that becomes one line naming this rank, not a traceback, so the failing rank's
+    own one-line error stays the one to read."""
+    import torch.distributed as dist
+
+    try:
+        dist.barrier(group=group)
+    except RuntimeError as e:  # gloo: "[.../pair.cc:N] Connection closed by peer ...", or a timeout
+        why = re.sub(r"^\[[^\]]*\]\s*", "", (str(e).strip() or type(e).__name__).splitlines()[0]).split(". ")[0]
+        raise CooptError(f"rank {world().rank}: stopped waiting for the other ranks ({why[:200]}); "
+                         f"another rank failed or stalled: its own error says why") from None
 
 
 def coord_group():

@@ -29,13 +29,19 @@ the top-level files are always the latest round, the only one align, merge and t
 read. features.h5 moves last, so an interrupted archive is finished by rerunning the command.
 
 Scaling out: under torchrun (WORLD_SIZE > 1) each rank takes a contiguous slice of S and of the
-shard and writes features.rankR.h5; rank 0 then stitches the parts, in plan order, into the one
-features.h5 (a copy rather than an HDF5 virtual dataset: the participant uploads one
-self-contained, checksummed file) and removes the parts.
+shard and writes features.rankR.h5; rank 0 then stitches the parts, in plan order and
+STITCH_ROWS rows at a time, into the one features.h5 (a copy rather than an HDF5 virtual dataset:
+the participant uploads one self-contained, checksummed file) and removes the parts. Ranks meet
+only at barriers of the gloo coordination group (coopt_fast.distributed), whatever the model runs
+on; a rank that raises leaves without a barrier and exits non-zero, which ends the other ranks
+(torchrun stops them; one blocked in a barrier sees the closed connection). A partial records the
+world size that wrote it (rank R's rows are the R-th of WORLD_SIZE slices): an extraction with
+another world size is refused while such partials exist, rather than mixing or discarding them.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import queue
@@ -48,7 +54,7 @@ import h5py
 import numpy as np
 import torch
 
-from . import layout, publish, remote, store
+from . import distributed, layout, publish, remote, store
 from .store import open_live, shard_of  # noqa: F401 (status and tests read partial files with them)
 from .decode import batches, choose_decoder, decode_job
 from .errors import CooptError, DiskFullError
@@ -63,6 +69,11 @@ GROUPS = ("shared", "shard")
 ROUND_WAIT_SECONDS = 120  # torchrun: how long ranks > 0 wait for rank 0 to archive the older round
 MAX_ROUND = 2**31 - 1      # rounds name folders and HDF5 attributes; 2**31 rounds is beyond any use
 MAX_BATCH = 65536          # one batch of 224 px images at this size is already ~40 GB as float32
+STITCH_ROWS = 8192         # rows per copy when rank 0 stitches: 32 MiB at l = 2048, whatever the shard size
+# torchrun: a rank that finished its part waits at a barrier for the slowest rank, which on a resume
+# may have hours left (its part was the one cut short), then for rank 0's stitch. A peer that died
+# is seen at once as a closed connection; this only bounds a peer that is alive but stuck.
+PEER_WAIT = datetime.timedelta(days=7)
 
 
 class Writer:
@@ -185,7 +196,11 @@ def extract(
     out = job.out
     created = [d for d in (out.parent.parent, out.parent) if not d.exists()]
     try:
-        s = _locked(job)
+        # Joined before any step a single rank can fail (a held lock, the wait for rank 0's
+        # archive): a rank that fails later ends its peers at their next barrier, where one that
+        # failed before joining would leave them waiting to join (COORD_TIMEOUT).
+        with distributed.process_group(job.device, barrier_timeout=PEER_WAIT):
+            s = _locked(job)
     except CooptError as e:
         if not isinstance(e, DiskFullError):  # bad input: leave the run folder as it was
             for d in reversed(created):
@@ -266,9 +281,9 @@ def _resolve(run: Path, participant: str, shard: int, prior: str, round: int, se
     if holder is not None:
         raise CooptError(f"--shard {shard}: taken by participant {holder.parent.name!r} ({holder}); one participant "
                          f"per shard: pick another shard, or remove that participant's folder")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if dev.type == "cuda" and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    w = distributed.world()
+    dev = distributed.rank_device(dev, w)  # cuda:LOCAL_RANK made current before NCCL starts
+    rank, world = w.rank, w.size
     dec = "none" if p.model is None else choose_decoder(o.decoder, ds, dev, p.input_size)
     # None: compile on CUDA only (on the CPU, Inductor's compile time exceeds what it saves here).
     compiled = (dev.type == "cuda") if o.compile is None else bool(o.compile)
@@ -393,33 +408,68 @@ def _run(job: Job) -> bool:
     rank 0 stitches every rank's part). Returns whether a partial was resumed."""
     t0 = time.perf_counter()
     mine = {g: np.array_split(r, job.world)[job.rank] for g, r in job.rows.items()}
-    if job.world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl" if job.device.type == "cuda" else "gloo")
-    p = job.prior
+    out, p = job.out, job.prior
+    if job.rank == 0:
+        _refuse_other_world(job)
+    distributed.barrier()  # no rank opens its part before rank 0 has checked them all
     runner = None if p.model is None else ModelRunner(p, job.device, job.compile, job.batch_size)
     resumed = _extract_part(job, mine, runner)
-    out = job.out
     if job.world > 1:
-        dist.barrier()
+        distributed.barrier()  # every part whole (the slowest rank sets the pace: PEER_WAIT)
         if job.rank == 0:
             with store.Lock(out):
                 _stitch(job, [out.with_name(f"features.rank{r}.h5") for r in range(job.world)], runner, t0)
-        dist.barrier()
-        dist.destroy_process_group()
     else:
         f = h5py.File(store.partial_path(out), "a")  # reopened without SWMR: attributes are writable again
         _finish(f, p, runner, t0, job.decoder)
         store.publish(f, out)
     if job.rank == 0:
         store.write_manifest(out.parent, out.name)
+    distributed.barrier()  # ranks > 0 read features.h5 only once rank 0 has published it
     return resumed
+
+
+def _part_identity(job: Job) -> dict:
+    """What a partial must match to be resumed: the extraction's identity and the world size
+    (rank R's part holds the R-th of WORLD_SIZE slices). Not part of the published file's
+    identity: features.h5 is the same whatever the world size."""
+    return {**job.identity, "world_size": job.world}
+
+
+def _partial_world(path: Path, identity: dict) -> int | None:
+    """The world size that wrote a partial of this same extraction; None for a partial of another
+    extraction, one from before world sizes were recorded, or one that cannot be read (each is
+    restarted by store.open_partial, as before)."""
+    try:
+        with store.open_live(path) as f:
+            if all(store._attr_eq(f.attrs.get(k), v) for k, v in identity.items()):
+                w = f.attrs.get("world_size")
+                return None if w is None else int(w)
+    except (OSError, KeyError, TypeError, ValueError):
+        pass
+    return None
+
+
+def _refuse_other_world(job: Job) -> None:
+    """Rank 0, before any rank opens its part: refuse while partials of this extraction written by
+    another world size exist. Their rows are other slices, so they cannot be resumed; a silent
+    restart would throw away hours of work for a mistyped --nproc_per_node."""
+    folder = job.out.parent
+    found: dict[int, list[str]] = {}
+    for q in [store.partial_path(job.out), *sorted(folder.glob("features.rank*.h5.partial"))]:
+        w = _partial_world(q, job.identity)
+        if w is not None and w != job.world:
+            found.setdefault(w, []).append(q.name)
+    if found:
+        w, names = min(found.items())
+        raise CooptError(f"{folder}: {', '.join(names)}: partial extraction by world size {w}, and this run has world "
+                         f"size {job.world} (torchrun's WORLD_SIZE; 1 without torchrun); rerun with world size {w} to "
+                         f"resume it, or remove {'it' if len(names) == 1 else 'them'} to start over")
 
 
 def _extract_part(job: Job, rows: dict, runner: ModelRunner | None) -> bool:
     """Fill job.part's .partial with features of `rows` (per group); leaves it unpublished."""
-    f, resumed = store.open_partial(job.part, job.identity)
+    f, resumed = store.open_partial(job.part, _part_identity(job))
     label = job.participant + (f"[{job.rank}]" if job.world > 1 else "")
     try:
         outs = _open_groups(f, rows, job.prior.dim)
@@ -503,30 +553,43 @@ def _finish(f: h5py.File, p: Prior, runner: ModelRunner | None, t0: float, dec: 
 
 def _stitch(job: Job, parts: list[Path], runner, t0: float) -> None:
     """Rank 0: concatenate the ranks' partial files, in rank (= plan) order, into features.h5."""
-    out, identity, rows, p = job.out, job.identity, job.rows, job.prior
-    f, _ = store.open_partial(out, identity)
+    out, p = job.out, job.prior
+    f, _ = store.open_partial(out, _part_identity(job))
     try:
-        srcs = [h5py.File(store.partial_path(q), "r") for q in parts]
-        for group in GROUPS:
-            for key in ("index", "skipped"):
-                if f"{group}/{key}" in f:
-                    del f[f"{group}/{key}"]
-            f.create_dataset(f"{group}/index", data=rows[group])
-            sk = np.concatenate([s[f"{group}/skipped"][:] for s in srcs])
-            f.create_dataset(f"{group}/skipped", data=sk, maxshape=(None,), chunks=(1024,))
-            dst = store.create_rows(f, f"{group}/features", len(rows[group]), p.dim)
-            store.set_rows_done(dst, 0)
-            for s in srcs:
-                store.append_rows(dst, s[f"{group}/features"][:])
-        for s in srcs:
-            s.close()
-        _finish(f, p, runner, t0, identity["decoder"])
+        with contextlib.ExitStack() as stack:
+            srcs = [stack.enter_context(h5py.File(store.partial_path(q), "r")) for q in parts]
+            for group in GROUPS:
+                _stitch_group(f, group, job.rows[group], srcs, p.dim)
+        _finish(f, p, runner, t0, job.decoder)
         store.publish(f, out)
     except BaseException:
         store.abandon(f)
         raise
     for q in parts:
         store.partial_path(q).unlink(missing_ok=True)
+
+
+def _stitch_group(f: h5py.File, group: str, rows: np.ndarray, srcs: list, dim: int) -> None:
+    """One group of features.h5 from the ranks' parts, STITCH_ROWS rows at a time: memory stays
+    bounded whatever the shard size. Each part must be whole and hold its rank's slice of rows."""
+    for key in ("index", "skipped"):
+        if f"{group}/{key}" in f:
+            del f[f"{group}/{key}"]
+    f.create_dataset(f"{group}/index", data=rows)
+    sk = np.concatenate([s[f"{group}/skipped"][:] for s in srcs])  # ids of bad images only: small
+    f.create_dataset(f"{group}/skipped", data=sk, maxshape=(None,), chunks=(1024,))
+    dst = store.create_rows(f, f"{group}/features", len(rows), dim)
+    store.set_rows_done(dst, 0)
+    for s, want in zip(srcs, np.array_split(rows, len(srcs))):
+        src, index = s[f"{group}/features"], s[f"{group}/index"]
+        if store.rows_done(src) != len(want) or index.shape != want.shape:
+            raise CooptError(f"{s.filename}: holds {store.rows_done(src)} of its {len(want)} rows of {group}; "
+                             f"rerun the extraction to finish it")
+        for b in range(0, len(want), STITCH_ROWS):
+            if not np.array_equal(index[b : b + STITCH_ROWS], want[b : b + STITCH_ROWS]):
+                raise CooptError(f"{s.filename}: its {group} rows are not its rank's slice of the plan (the plan "
+                                 f"changed since it was written?); remove it and rerun the extraction")
+            store.append_rows(dst, src[b : b + STITCH_ROWS])
 
 
 def _summary(path: Path, f, resumed: bool, skipped: bool, archived: str | None = None) -> dict:

@@ -1,5 +1,6 @@
 """The extraction engine: decoders agree, batch size/threads don't change the bytes, compile
 matches eager, bad images fail or skip, and torchrun with 2 gloo ranks equals one process."""
+import importlib
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from coopt_fast.errors import CooptError
 from .conftest import requires_fmnist
 
 pytestmark = requires_fmnist
+extract_mod = importlib.import_module("coopt_fast.extract")  # the module (coopt_fast.extract is the function)
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 
 
@@ -155,6 +157,114 @@ def test_torchrun_two_gloo_ranks_equal_one_process(run):
     assert r.returncode == 0, r.stderr[-3000:]
     _same(_feats(single, "single"), _feats(run, "multi"))
     assert not list((run / "participants" / "multi").glob("features.rank*"))
+
+
+def _torchrun(run, name, *opts, prior="convnet", timeout=120):
+    """`extract` of shard 0 under torchrun with 2 gloo ranks. The timeout is no performance claim:
+    a rank left waiting for one that failed would wait PEER_WAIT (days), so a hang fails the test."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "coopt_fast", "extract", str(run),
+           "--participant", name, "--shard", "0", "--prior", prior, "--decoder", "torchvision", "--quiet", *opts]
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=timeout)
+
+
+def test_torchrun_a_bad_image_on_rank_1_ends_every_rank(jpeg_run, tmp_path):
+    """Only rank 1 fails (a truncated JPEG in its slice, --on-bad-image fail): the whole world ends
+    non-zero with rank 1's one line; rank 0's part stays for a resume, and only with its world size."""
+    from coopt_fast.plan import load_plan, plan_dataset, shard_indices
+
+    imgs, run = tmp_path / "imgs", tmp_path / "run"
+    shutil.copytree(jpeg_run, imgs)
+    coopt_fast.split(f"folder:{imgs}", run, participants=1, shared_fraction=0.1, seed=0)
+    plan = load_plan(run)
+    victim = plan_dataset(plan, verify=False).files[shard_indices(plan, 0)[-1]]  # the last row: rank 1's
+    victim.write_bytes(victim.read_bytes()[:50])
+    coopt_fast.split(f"folder:{imgs}", run, participants=1, shared_fraction=0.1, seed=0, force=True)
+    r = _torchrun(run, "p", "--batch-size", "16", "--workers", "1")
+    assert r.returncode != 0
+    assert f"error: {victim}: cannot decode image" in r.stderr, r.stderr[-3000:]
+    d = run / "participants" / "p"
+    assert not (d / "features.h5").exists()
+    assert not (d / "features.rank1.h5.partial").exists()  # a bad image: no rerun gets past it (as in one process)
+    assert (d / "features.rank0.h5.partial").exists()
+    with pytest.raises(CooptError, match=r"features.rank0.h5.partial: partial extraction by world size 2, and this "
+                                         r"run has world size 1 .* rerun with world size 2 to resume it"):
+        coopt_fast.extract(run, "p", 0, "convnet", batch_size=16, decoder="torchvision", workers=1, progress=False)
+    assert (d / "features.rank0.h5.partial").exists()  # refused, not discarded
+
+
+def test_torchrun_rank_0_failing_in_the_stitch_ends_every_rank(run):
+    """Rank 0 fails only once every part is whole (another writer holds features.h5): rank 1,
+    waiting for the stitch, ends too. The parts stay, and a rerun resumes and publishes them."""
+    from coopt_fast import store
+
+    out = run / "participants" / "multi" / "features.h5"
+    with store.Lock(out):  # this test's own, live process: not stale
+        r = _torchrun(run, "multi", prior="labels")
+    assert r.returncode != 0
+    assert f"error: {out}.lock: another writer holds this file" in r.stderr, r.stderr[-3000:]
+    parts = sorted(p.name for p in out.parent.glob("features.rank*"))
+    assert parts == ["features.rank0.h5.partial", "features.rank1.h5.partial"] and not out.exists()
+    r = _torchrun(run, "multi", prior="labels")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert out.exists() and not list(out.parent.glob("features.rank*"))
+
+
+def _rank_job(monkeypatch, run, name, prior, rank, world, seed=0):
+    """The Job extract resolves on rank `rank` of `world` (torchrun's environment, no process group)."""
+    from coopt_fast.extract import Options
+
+    for k, v in (("RANK", rank), ("WORLD_SIZE", world), ("LOCAL_RANK", rank)):
+        monkeypatch.setenv(k, str(v))
+    o = Options(50, "cpu", "torchvision", False, "fail", 1, False)
+    return extract_mod._resolve(run, name, 0, prior, 0, seed, None, o)
+
+
+def _fill_part(job):
+    """Rank job.rank's part, as _run fills it (its slice of S and of the shard); the ModelRunner."""
+    runner = None if job.prior.model is None else extract_mod.ModelRunner(job.prior, job.device, False, job.batch_size)
+    mine = {g: np.array_split(r, job.world)[job.rank] for g, r in job.rows.items()}
+    extract_mod._extract_part(job, mine, runner)
+    return runner
+
+
+def test_stitch_copies_in_blocks_and_equals_one_process(run, monkeypatch):
+    """Two ranks' parts stitched 7 rows at a time (an irregular count: every part ends on a short
+    block): the same datasets as one process, and no block larger than STITCH_ROWS."""
+    import time
+
+    from coopt_fast import store
+
+    single = _variant(run, "single")
+    coopt_fast.extract(single, "single", 0, "convnet", batch_size=50, decoder="torchvision", progress=False)
+    jobs = [_rank_job(monkeypatch, run, "multi", "convnet", r, 2) for r in (0, 1)]
+    runner = [_fill_part(j) for j in jobs][0]
+    blocks, append = [], store.append_rows
+    monkeypatch.setattr(extract_mod, "STITCH_ROWS", 7)
+    monkeypatch.setattr(store, "append_rows", lambda ds, b: (blocks.append(len(b)), append(ds, b)))
+    parts = [jobs[0].out.with_name(f"features.rank{r}.h5") for r in (0, 1)]
+    extract_mod._stitch(jobs[0], parts, runner, time.perf_counter())
+    _same(_feats(single, "single"), _feats(run, "multi"))
+    n = sum(len(r) for r in jobs[0].rows.values())
+    assert max(blocks) == 7 and sum(blocks) == n and len(blocks) > n // 7
+    assert not list(jobs[0].out.parent.glob("features.rank*"))
+
+
+def test_a_partial_of_another_world_size_is_refused(run, monkeypatch):
+    """A one-process partial is not resumed by 2 ranks (nor discarded): rank 0 refuses it before
+    any rank opens its part. A partial of another extraction (another seed) is left to be
+    restarted, as before."""
+    one = _rank_job(monkeypatch, run, "w", "labels", 0, 1)
+    _fill_part(one)  # rows written, not published: features.h5.partial of world size 1
+    extract_mod._refuse_other_world(one)
+    two = _rank_job(monkeypatch, run, "w", "labels", 0, 2)
+    with pytest.raises(CooptError, match=r"features.h5.partial: partial extraction by world size 1, and this run "
+                                         r"has world size 2 .* or remove it to start over"):
+        extract_mod._refuse_other_world(two)
+    extract_mod._refuse_other_world(_rank_job(monkeypatch, run, "w", "labels", 0, 2, seed=1))
+    with h5py.File(one.out.with_name("features.h5.partial"), "r") as f:
+        assert int(f.attrs["world_size"]) == 1
 
 
 def _jpeg_folder(root, sides):
