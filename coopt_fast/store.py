@@ -111,6 +111,18 @@ def create_rows(f: h5py.File, name: str, total: int, width: int, dtype=np.float1
     return ds
 
 
+def create_checked(f: h5py.Group, name: str, data) -> h5py.Dataset:
+    """A dataset holding `data` whole, chunked along rows (`chunk_rows`) with the fletcher32
+    checksum, like `create_rows`'s. HDF5 takes no filter on an empty (or scalar) dataset: those
+    are stored plain, having no byte to check."""
+    data = np.asarray(data)
+    if data.ndim == 0 or data.size == 0:
+        return f.create_dataset(name, data=data)
+    row = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
+    return f.create_dataset(name, data=data, chunks=(chunk_rows(row, data.shape[0]), *data.shape[1:]),
+                            fletcher32=True)
+
+
 PROGRESS = "_progress"
 
 
