@@ -75,9 +75,9 @@ def write_store(path: Path, n: int) -> dict:
     part.unlink(missing_ok=True)
     t0 = time.perf_counter()
     with h5py.File(part, "w") as f:
-        for k, v in store.provenance(participants=json.dumps(["a", "b"]), dataset="synthetic", limit=-1,
-                                     dim=DIM, target_dtype="float16").items():
+        for k, v in store.provenance(dataset="synthetic", limit=-1, dim=DIM, target_dtype="float16").items():
             f.attrs[k] = v
+        store.write_merged_meta(f, [{"name": "a"}, {"name": "b"}], {"n": n, "sha256": "synthetic"})
         store.create_contiguous(f, "targets", (n, DIM), np.float16)
         store.create_contiguous(f, "images", (n,) + IMG, np.uint8)
         f.create_dataset("index", data=np.arange(n, dtype=np.int64))

@@ -70,7 +70,7 @@ COMMANDS = ("extract", "align", "merge", "train", UPLOAD)
 # Attributes that record when/where a file was written (or hash files that hold such
 # attributes): they legitimately differ between a killed-and-rerun output and the reference.
 VOLATILE = {"created", "completed", "host", "seconds", "compile_seconds", "model_seconds",
-            "features_sha256", "inputs"}
+            "features_sha256", "inputs", "aligned_sha256"}
 
 
 @dataclass

@@ -12,7 +12,9 @@ Writes RUN/participants/NAME/aligned.h5:
   shard/index, shard/targets [n_k, n] float16; shared/index, shared/targets [|S|, n] float16
   projection [l_k, n] float32 (W_k); map [l_k, n] float32 (W_k T_k)
   stats/sum, stats/sumsq [n] float64: per-dimension sums of the stored shard targets
-  attrs: reference, residual, dim, projection_seed, ridge, prior, uniformity, round (features.h5's), ...
+  attrs: reference, residual, dim, projection_seed, ridge, prior, uniformity, round (features.h5's),
+         features_sha256 (of the features.h5 it was fitted from), ...
+  every float dataset is chunked with the fletcher32 checksum (store.create_rows / create_checked)
 
 Before computing anything, every features.h5 the command reads is checked (check_features: whole,
 the sha256 its participant's manifest.json records, this run's data set, shard and S), so a bad
@@ -641,18 +643,18 @@ def _open_upload(path: Path, src, ft: dict, dim: int, td: str):
             f.create_dataset(key, data=src[key][:])
     for key, val in (("projection", ft["w"]), ("map", ft["map"]), ("shared/targets", ft["shared"])):
         if key not in f:
-            f.create_dataset(key, data=val.numpy())
+            store.create_checked(f, key, val.numpy())
     if "sample/rows" not in f:  # what inspect compares, so it needs no features: W-only targets of a sample
         rows = inspect_rows(src["shard/features"].shape[0], ft["seed"])
         before = torch.from_numpy(src["shard/features"][rows].astype(np.float32)) @ ft["w"]
-        f.create_dataset("sample/projected", data=before.half().numpy())  # float16, like the targets
+        store.create_checked(f, "sample/projected", before.half().numpy())  # float16, like the targets
         f.create_dataset("sample/rows", data=rows)
     n_k = src["shard/features"].shape[0]
     tgt = store.create_rows(f, "shard/targets", n_k, dim, codec.storage_dtype(td))
     if td == "int8":
         store.create_rows(f, "shard/scale", n_k, 1, np.float32)
     if td == "int8-dim" and "scale" not in f:
-        f.create_dataset("scale", data=codec.dim_scale(ft["shared"]).numpy())
+        store.create_checked(f, "scale", codec.dim_scale(ft["shared"]).numpy())
     if "stats/running" not in f:
         f.create_dataset("stats/running", data=np.zeros(2 * dim + 2))
     _resume_stats(f, tgt)
@@ -695,7 +697,7 @@ def _publish_upload(f, path: Path, ref, td: str, dim: int) -> None:
     for key, val in (("stats/sum", run_stats[:dim]), ("stats/sumsq", run_stats[dim : 2 * dim])):
         if key in f:  # left by a run interrupted while publishing
             del f[key]
-        f.create_dataset(key, data=val)
+        store.create_checked(f, key, val)
     del f["stats/running"]
     f.attrs["reference"] = ref or "none"
     if td == "int8-dim":

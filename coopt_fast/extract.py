@@ -6,7 +6,7 @@ publishes RUN/participants/NAME/record.json (coopt_fast.publish) once it is whol
   shard/index [n_k] int64,  shard/features [n_k, l] float16    (plan order)
   shard/skipped, shared/skipped  int64   sample ids of images that failed to decode under
                                          --on-bad-image skip (their feature rows are zeros)
-  attrs: participant, shard, prior, checkpoint_sha256, seed, round, feature_dim,
+  attrs: participant, shard, prior (checkpoint path absolute), checkpoint_sha256, seed, round, feature_dim,
          uniformity (U on S, from the stored float16 features), dataset_sha256, timings
 
 The engine: decode (coopt_fast.decode: DALI or torchvision, prefetching) overlaps the model
@@ -289,7 +289,7 @@ def _resolve(run: Path, participant: str, shard: int, prior: str, round: int, se
     compiled = (dev.type == "cuda") if o.compile is None else bool(o.compile)
     # What must match for old rows to be reused (batch size, threads, decoder workers need not).
     identity = {
-        "participant": participant, "shard": int(shard), "prior": prior, "seed": int(seed), "round": int(round),
+        "participant": participant, "shard": int(shard), "prior": p.spec, "seed": int(seed), "round": int(round),
         "checkpoint_sha256": p.checkpoint_sha256 or "", "dataset_sha256": plan["fingerprint"]["sha256"],
         "decoder": dec, "compile": compiled, "on_bad_image": o.on_bad_image,
     }

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .data import Dataset, load_dataset
 from .errors import CooptError
 from . import codec
-from .store import attr_json, memmap_dataset, open_complete
+from .store import memmap_dataset, merged_meta, open_complete
 
 MEMMAP_FIELDS = ("images", "targets", "index", "participant")
 RESIDENT_FRACTION = 0.5  # resident=None uploads the store when it fits in this share of free GPU memory
@@ -105,7 +105,7 @@ class StoreLoader:
         self.dataset: Dataset | None = None  # set when images come from the original files
         with open_complete(self.path, "merged store") as f:
             self.attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            self.participants = attr_json(f, "participants") if "participants" in f.attrs else []
+            self.participants = merged_meta(f, self.path)["participants"]
             self._check_layout(f)
             self.n = int(f["targets"].shape[0])
             self.dim = int(f["targets"].shape[1])

@@ -1,18 +1,23 @@
 """Step 4, data merging: validate every aligned upload, write RUN/merged.h5 in global order.
 
-merged.h5 (contiguous, unfiltered datasets: the loader np.memmaps them):
+merged.h5 (contiguous, unfiltered datasets where the loader np.memmaps them; the small float ones
+it reads through h5py, target_mean, target_std and int8-dim's target_scale, carry fletcher32):
   targets      [N', n]           row r = sample index[r]; float16, or as the uploads' target_dtype
                                  (bfloat16 as uint16 bits, int8; see coopt_fast.codec)
   target_scale float32 [N'] (int8) or [K, n] (int8-dim, row r uses participant[r]'s)
   index        int64   [N']      ascending global sample indices (all of range(N) unless --allow-missing)
-  participant  int16   [N']      position of the row's participant in attr `participants`
+  participant  int16   [N']      the row's participant: the `position` of a participants/NAME group
   target_mean, target_std  float32 [n]   from the uploads' per-dimension sums (no second pass)
   images       uint8   [N', H, W, C]     for in-memory data sets up to MAX_IMAGE_BYTES
-  attrs: participants (JSON), dataset, limit, fingerprint (JSON), dim, target_dtype,
-         inputs (JSON {relative path: sha256}), coverage (N'/N), reference,
-         rounds (JSON {name: round}: each participant's latest, the top-level aligned.h5)
+  participants/NAME  group per participant, attrs: position, shard, round (its latest: the
+               top-level aligned.h5), rows (in this store), prior, features_sha256, upload (path
+               relative to the run), aligned_sha256 (the upload's sha256)
+  fingerprint  group, attrs n, shape, sha256: the plan's data set
+  attrs: dataset, limit, dim, target_dtype, coverage (N'/N), reference
   every dataset's attr sha256: of its bytes, taken right after writing; `verify` recomputes it
   (contiguous, unfiltered data has no HDF5 checksum, so this is what catches a changed row)
+Metadata is plain HDF5 attributes, no JSON text (store.write_merged_meta; store.merged_meta reads
+it back, and also the JSON attributes of stores merged before).
 
 An upload is checked whole before anything is written (_validate: structure; _check_values: every
 value merge uses). A merged.h5 already made from the same uploads is left as it is; one made from
@@ -20,7 +25,6 @@ other inputs is replaced only under --force.
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +158,8 @@ def _check_values(u: dict, plan: dict, ds, names: list[str]) -> None:
                              f"{u['name']}'s (an upload copied from another participant?)")
         if u["reference"] not in ("consensus", "none", *names):
             raise CooptError(f"{where}: attribute reference is {u['reference']!r}: not consensus, none or a participant")
-        prior = _text_attr(where, f.attrs, "prior")
+        prior = u["prior"] = _text_attr(where, f.attrs, "prior")
+        u["features_sha256"] = _text_attr(where, f.attrs, "features_sha256") if "features_sha256" in f.attrs else None
         w = _dataset(where, f, "projection", (None, dim), "float32", finite=True)
         _dataset(where, f, "map", w.shape, "float32", finite=True)
         rows = _dataset(where, f, "sample/rows", (None,), "int")
@@ -221,18 +226,14 @@ def _changes(out: Path, inputs: dict, plan: dict) -> str:
     the same uploads (sha256), hence the same shards missing, and from the same data set."""
     try:
         with store.open_complete(out, "merged store") as f:
-            recorded = store.attr_json(f, "inputs")
-            fingerprint = store.attr_json(f, "fingerprint")
+            meta = store.merged_meta(f, out)
     except CooptError as e:
         return f"but what it was made from cannot be told ({str(e).split(': ', 1)[-1]})"
-    except (ValueError, TypeError):
-        return "but what it was made from cannot be told (attribute inputs or fingerprint is not JSON)"
-    if not isinstance(recorded, dict):
-        return "but what it was made from cannot be told (attribute inputs is not a JSON object)"
+    recorded, fingerprint = meta["inputs"], meta["fingerprint"]
     diff = [f"{p} changed" for p in sorted(set(inputs) & set(recorded)) if inputs[p] != recorded[p]]
     diff += [f"{p} is new" for p in sorted(set(inputs) - set(recorded))]
     diff += [f"{p} is gone" for p in sorted(set(recorded) - set(inputs))]
-    if fingerprint != plan["fingerprint"]:
+    if fingerprint != {k: v for k, v in plan["fingerprint"].items() if v is not None}:  # as merged_meta gives it
         diff.append("the plan's data set differs")
     return f"made from other inputs ({'; '.join(diff)})" if diff else ""
 
@@ -328,8 +329,16 @@ class Job:
     td: str
     dim: int
     images: object              # the data set's in-memory images when the store holds them, else None
-    inputs: dict                # upload path relative to the run -> sha256
-    rounds: dict
+    members: list               # per participant, in `participant` order: store.MEMBER_ATTRS and name
+
+    @property
+    def inputs(self) -> dict:
+        """upload path relative to the run -> its sha256: what merged.h5 was made from."""
+        return {m["upload"]: m["aligned_sha256"] for m in self.members}
+
+    @property
+    def rounds(self) -> dict:
+        return {m["name"]: m["round"] for m in self.members}
 
 
 def _plan_store(run: Path, plan: dict, ups: list[dict], ds) -> Job:
@@ -346,8 +355,9 @@ def _plan_store(run: Path, plan: dict, ups: list[dict], ds) -> Job:
     hold_images = ds.images is not None and ds.images[:1].nbytes * len(index) <= MAX_IMAGE_BYTES
     return Job(out=layout.merged_path(run), plan=plan, ups=ups, index=index, row_of=row_of, mean=mean, std=std,
                td=ups[0]["target_dtype"], dim=ups[0]["dim"], images=ds.images if hold_images else None,
-               inputs={str(u["path"].relative_to(run)): u["sha256"] for u in ups},
-               rounds={u["name"]: u["round"] for u in ups})
+               members=[{"name": u["name"], "shard": u["shard"], "round": u["round"], "rows": int(u["keep"].sum()),
+                         "prior": u["prior"], "features_sha256": u["features_sha256"],
+                         "upload": str(u["path"].relative_to(run)), "aligned_sha256": u["sha256"]} for u in ups])
 
 
 def _fill(f: h5py.File, job: Job) -> None:
@@ -355,18 +365,16 @@ def _fill(f: h5py.File, job: Job) -> None:
     small datasets."""
     plan, ups, index, td, dim = job.plan, job.ups, job.index, job.td, job.dim
     for k, v in store.provenance(
-        participants=json.dumps([u["name"] for u in ups]), dataset=plan["dataset"],
-        limit=-1 if plan.get("limit") is None else int(plan["limit"]),
-        fingerprint=json.dumps(plan["fingerprint"]), dim=int(dim), target_dtype=td,
-        inputs=json.dumps(job.inputs), coverage=len(index) / plan["fingerprint"]["n"], reference=ups[0]["reference"],
-        rounds=json.dumps(job.rounds),
+        dataset=plan["dataset"], limit=-1 if plan.get("limit") is None else int(plan["limit"]), dim=int(dim),
+        target_dtype=td, coverage=len(index) / plan["fingerprint"]["n"], reference=ups[0]["reference"],
     ).items():
         f.attrs[k] = v
+    store.write_merged_meta(f, job.members, plan["fingerprint"])
     store.create_contiguous(f, "targets", (len(index), dim), codec.storage_dtype(td))
     if td == "int8":  # per row, in row order
         store.create_contiguous(f, "target_scale", (len(index),), np.float32)
     elif td == "int8-dim":  # per participant and dimension: rows pick theirs by `participant`
-        f.create_dataset("target_scale", data=np.stack([u["scale"] for u in ups]).astype(np.float32))
+        store.create_checked(f, "target_scale", np.stack([u["scale"] for u in ups]).astype(np.float32))
     if job.images is not None:
         store.create_contiguous(f, "images", (len(index),) + job.images.shape[1:], np.uint8)
     owner = np.empty(len(index), dtype=np.int16)
@@ -374,8 +382,9 @@ def _fill(f: h5py.File, job: Job) -> None:
         owner[job.row_of[np.asarray(plan["shards"][u["shard"]], dtype=np.int64)[u["keep"]]]] = pos
     f.create_dataset("index", data=index)
     f.create_dataset("participant", data=owner)
-    f.create_dataset("target_mean", data=job.mean.astype(np.float32))
-    f.create_dataset("target_std", data=job.std.astype(np.float32))
+    # Read through h5py, not memory-mapped: these can carry HDF5's checksum as well as the sha256.
+    store.create_checked(f, "target_mean", job.mean.astype(np.float32))
+    store.create_checked(f, "target_std", job.std.astype(np.float32))
 
 
 def _write(job: Job, progress: bool) -> None:
@@ -396,8 +405,9 @@ def _write(job: Job, progress: bool) -> None:
             del im
         f = h5py.File(part, "r+")
         try:  # verify recomputes these: HDF5 checksums nothing in a contiguous, unfiltered dataset
-            for name in f:
-                f[name].attrs["sha256"] = store.dataset_sha256(f[name])
+            for ds in f.values():
+                if isinstance(ds, h5py.Dataset):  # the metadata groups hold attributes only
+                    ds.attrs["sha256"] = store.dataset_sha256(ds)
         except BaseException:
             store.abandon(f)
             raise

@@ -7,6 +7,9 @@ A prior SPEC is `ARCH`, `ARCH:CHECKPOINT` or `labels`:
   CHECKPOINT  local .pt/.pth (loaded with torch.load(weights_only=True): tensors and plain
               containers only, never arbitrary pickles) or .safetensors (recommended)
   labels      human annotation: one-hot over the data set's classes
+A loaded prior's spec names its checkpoint by absolute path (`resolve_prior_spec`): that is what
+extract records, and compares when it resumes, so the file named from another working directory
+is the same prior; its content is recorded apart, as checkpoint_sha256.
 
 Features are the penultimate layer: the architecture's last nn.Linear (its classifier) is
 replaced by nn.Identity. Without a checkpoint the network is randomly initialised from
@@ -247,14 +250,24 @@ def parse_prior_spec(spec: str) -> tuple[str, str | None]:
     return arch, (ckpt or None)
 
 
+def resolve_prior_spec(spec: str) -> str:
+    """SPEC with its checkpoint path made absolute (symlinks resolved), "ARCH:/abs/path": the
+    same file names the same prior from any working directory. ARCH and labels are unchanged."""
+    arch, ckpt = parse_prior_spec(spec)
+    return f"{arch}:{Path(ckpt).resolve()}" if ckpt else arch
+
+
 def load_prior(spec: str, seed: int = 0, num_classes: int | None = None) -> Prior:
+    """The prior SPEC names (module doc); its `spec` is resolve_prior_spec(SPEC)."""
     arch, ckpt = parse_prior_spec(spec)
     if arch == "labels":
         if ckpt:
             raise CooptError(f"prior {spec!r}: the labels prior takes no checkpoint")
         if not num_classes:
             raise CooptError("the labels prior needs a data set with labels")
-        return Prior(spec, "labels", None, num_classes, 0, (), ())
+        return Prior("labels", "labels", None, num_classes, 0, (), ())
+    spec = resolve_prior_spec(spec)
+    ckpt = parse_prior_spec(spec)[1]
     model, dim, meta = load_backbone(arch, ckpt, seed)
     default_mean, default_std = (CONVNET_MEAN, CONVNET_STD) if arch in SMALL_ARCHS else (IMAGENET_MEAN, IMAGENET_STD)
     return Prior(

@@ -110,7 +110,7 @@ def write_shared(run: str | Path, name: str, identity: dict, index: np.ndarray, 
                     del f[key]
             f.create_dataset("index", data=index)
             f.create_dataset("skipped", data=skipped)
-            f.create_dataset("values", data=values.numpy(), fletcher32=True, chunks=True)
+            store.create_checked(f, "values", values.numpy())
             store.publish(f, path)
         except BaseException:
             store.abandon(f)

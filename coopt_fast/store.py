@@ -6,9 +6,14 @@ whole. A partial file carries `rows_done` on each appended dataset, updated afte
 are flushed: a rerun reopens it and continues from there (kill -9 included; a partial that
 HDF5 can no longer open is discarded and started over).
 
-Feature/target datasets are chunked along rows (`chunk_rows`) with the fletcher32 checksum
-filter, so a flipped bit is an HDF5 read error rather than a silent wrong number. The merged
-store is the exception: contiguous and unfiltered, so the loader can np.memmap it.
+Feature/target datasets (and every other float array a participant publishes) are chunked
+along rows (`chunk_rows`) with the fletcher32 checksum filter (`create_rows`, `create_checked`),
+so a flipped bit is an HDF5 read error rather than a silent wrong number. The merged store is the
+exception: contiguous and unfiltered, so the loader can np.memmap it; merge records a sha256 on
+each of its datasets instead, which `verify` recomputes.
+
+Metadata is plain HDF5: scalar attributes and groups of them, never JSON text, so h5ls/h5dump
+show it as it is (merged.h5's participants and data set fingerprint: `write_merged_meta`).
 """
 from __future__ import annotations
 
@@ -111,6 +116,18 @@ def create_rows(f: h5py.File, name: str, total: int, width: int, dtype=np.float1
     return ds
 
 
+def create_checked(f: h5py.Group, name: str, data) -> h5py.Dataset:
+    """A dataset holding `data` whole, chunked along rows (`chunk_rows`) with the fletcher32
+    checksum, like `create_rows`'s. HDF5 takes no filter on an empty (or scalar) dataset: those
+    are stored plain, having no byte to check."""
+    data = np.asarray(data)
+    if data.ndim == 0 or data.size == 0:
+        return f.create_dataset(name, data=data)
+    row = data.dtype.itemsize * int(np.prod(data.shape[1:], dtype=np.int64))
+    return f.create_dataset(name, data=data, chunks=(chunk_rows(row, data.shape[0]), *data.shape[1:]),
+                            fletcher32=True)
+
+
 PROGRESS = "_progress"
 
 
@@ -186,8 +203,9 @@ SCHEMA = {
     "shared": (
         ("participant", "kind", "dim", "projection_seed", "round", "features_sha256"),
         ("index", "skipped", "values")),
+    # Its participants and fingerprint groups (or, written before them, JSON attributes): merged_meta.
     "merged store": (
-        ("participants", "dataset", "fingerprint", "dim", "target_dtype", "inputs"),
+        ("dataset", "dim", "target_dtype"),
         ("targets", "index", "participant", "target_mean", "target_std")),
 }
 
@@ -229,9 +247,61 @@ def open_complete(path: Path, what: str) -> h5py.File:
     return f
 
 
-def attr_json(f: h5py.File, name: str):
-    v = f.attrs[name]
-    return json.loads(v.decode() if isinstance(v, bytes) else v)
+# merged.h5's per-participant group attributes, in the order h5ls lists them (written in this order).
+MEMBER_ATTRS = ("position", "shard", "round", "rows", "prior", "features_sha256", "upload", "aligned_sha256")
+
+
+def write_merged_meta(f: h5py.File, members: list[dict], fingerprint: dict) -> None:
+    """merged.h5's metadata as groups an h5ls/h5dump user reads without parsing anything:
+    participants/NAME (one per participant, in `participant`'s order, and `position` says which
+    code of that dataset it is) with MEMBER_ATTRS, and fingerprint (the plan's data set: n, shape,
+    sha256) as attributes. A None value is left out (HDF5 has no null)."""
+    group = f.create_group("participants", track_order=True)
+    for pos, m in enumerate(members):
+        g = group.create_group(m["name"])
+        for k in MEMBER_ATTRS:
+            v = pos if k == "position" else m.get(k)
+            if v is not None:
+                g.attrs[k] = v
+    fp = f.create_group("fingerprint")
+    for k, v in fingerprint.items():
+        if v is not None:
+            fp.attrs[k] = v
+
+
+def merged_meta(f: h5py.File, path: Path | str) -> dict:
+    """What merged.h5 records about its making, as the code uses it: participants [names, in
+    `participant`'s order], inputs {upload path relative to the run: sha256}, rounds {name: round},
+    fingerprint {n, shape, sha256} (None values left out). Reads the groups write_merged_meta
+    writes and, from stores merged before them, the JSON-text attributes, so a store copied to a
+    training machine without the uploads it was merged from still trains. CooptError if neither."""
+    if isinstance(f.get("participants"), h5py.Group) and isinstance(f.get("fingerprint"), h5py.Group):
+        members = sorted((_values(g.attrs) | {"name": n} for n, g in f["participants"].items()),
+                         key=lambda m: m.get("position", 0))
+        return {"participants": [m["name"] for m in members],
+                "inputs": {m["upload"]: m["aligned_sha256"] for m in members if "upload" in m},
+                "rounds": {m["name"]: m.get("round", 0) for m in members},
+                "fingerprint": _values(f["fingerprint"].attrs)}
+    return _legacy_meta(f, path)
+
+
+def _legacy_meta(f: h5py.File, path: Path | str) -> dict:
+    """merged_meta of a store merged before the groups: JSON text in attributes."""
+    kinds = {"participants": list, "inputs": dict, "fingerprint": dict, "rounds": dict}
+    try:
+        old = {k: json.loads(plain(f.attrs[k])) for k in kinds if k in f.attrs or k != "rounds"}
+    except (KeyError, TypeError, ValueError, RecursionError):
+        old = None
+    if old is None or not all(isinstance(old.get(k, {}), t) for k, t in kinds.items()):
+        raise CooptError(f"{path}: no readable participants and fingerprint groups (not a merged store written "
+                         f"by coopt-fast; rerun merge --force)")
+    old["fingerprint"] = {k: v for k, v in old["fingerprint"].items() if v is not None}
+    return {"rounds": {}} | old
+
+
+def _values(attrs) -> dict:
+    """HDF5 attributes as plain Python (arrays as lists), for comparing with JSON-born dicts."""
+    return {k: (v.tolist() if isinstance(v, np.ndarray) else plain(v)) for k, v in attrs.items()}
 
 
 def create_contiguous(f: h5py.File, name: str, shape: tuple, dtype) -> h5py.Dataset:

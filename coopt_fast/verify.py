@@ -163,12 +163,12 @@ def _check_merged(run: Path, add) -> None:
         add("merged.h5", check, ok, detail)
     try:
         with h5py.File(merged, "r") as f:
-            inputs = json.loads(f.attrs["inputs"])
+            inputs = store.merged_meta(f, merged)["inputs"]
         for rel, digest in inputs.items():
             cur = file_sha256(run / rel) if (run / rel).exists() else None
             add("merged.h5", f"input {rel}", cur == digest,
                 "unchanged since merge" if cur == digest else "changed or missing since merge")
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, CooptError) as e:
         add("merged.h5", "inputs", False, f"cannot read the recorded inputs ({e})")
 
 

@@ -8,7 +8,6 @@ learns the classes: what makes "train beats untrained" a robust margin rather th
 """
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+from coopt_fast import store
 from coopt_fast.data import load_dataset
 
 
@@ -37,10 +37,9 @@ def make_merged(path: Path, n: int = 384, dim: int = 16, *, images: bool = True,
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
-        f.attrs.update(format_version=1, complete=True, participants=json.dumps(["a", "b", "c"]),
-                       dataset="fashion-mnist", dim=dim, target_dtype="float16",
-                       fingerprint=json.dumps({"n": len(ds), "shape": list(ds.shape), "sha256": "synthetic"}),
-                       inputs=json.dumps({}))
+        f.attrs.update(format_version=1, complete=True, dataset="fashion-mnist", dim=dim, target_dtype="float16")
+        store.write_merged_meta(f, [{"name": nm} for nm in ("a", "b", "c")],
+                                {"n": len(ds), "shape": list(ds.shape), "sha256": "synthetic"})
         kw = {"chunks": (64, dim), "compression": "gzip"} if chunked else {}
         f.create_dataset("targets", data=targets, **kw)
         f.create_dataset("index", data=index)

@@ -1,4 +1,3 @@
-import json
 import shutil
 
 import h5py
@@ -104,11 +103,11 @@ def test_merged_store_layout(small_run):
     with store.open_complete(small_run / "merged.h5", "merged") as f:
         assert f["targets"].chunks is None and f["targets"].compression is None
         assert f["index"][:].tolist() == list(range(2000))
-        names = json.loads(f.attrs["participants"])
+        meta = store.merged_meta(f, small_run / "merged.h5")
+        names, inputs = meta["participants"], meta["inputs"]
         owner = f["participant"][:]
         tg = f["targets"][:]
         mean, std = f["target_mean"][:], f["target_std"][:]
-        inputs = json.loads(f.attrs["inputs"])
     assert set(inputs) == {f"participants/{n}/aligned.h5" for n in names}
     for pos, name in enumerate(names):
         rows, = np.nonzero(owner == pos)

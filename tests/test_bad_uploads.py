@@ -199,7 +199,7 @@ def _checks(run: Path) -> dict:
 
 def test_every_merged_dataset_has_a_digest_verify_checks(run):
     with h5py.File(run / "merged.h5", "r") as f:
-        names = sorted(f)
+        names = sorted(n for n, d in f.items() if isinstance(d, h5py.Dataset))  # not the metadata groups
     checks = _checks(run)
     assert {f"sha256 {n}" for n in names} <= set(checks), sorted(checks)
     assert all(checks[f"sha256 {n}"]["ok"] for n in names)
@@ -281,7 +281,7 @@ def test_merge_refuses_to_replace_a_store_made_from_other_uploads(run):
     s = _strict_json(r.stdout)
     assert s["skipped"] is False and s["target_dtype"] == "bfloat16"
     with h5py.File(run / "merged.h5", "r") as f:
-        assert json.loads(f.attrs["inputs"])[B] == file_sha256(run / B)
+        assert store.merged_meta(f, run / "merged.h5")["inputs"][B] == file_sha256(run / B)
 
 
 def test_merge_refuses_to_replace_a_store_when_a_shard_went_missing(run):
@@ -302,8 +302,10 @@ def test_merge_refuses_to_replace_an_unreadable_store(run):
 
 def test_merge_force_rewrites_the_same_bytes(run):
     with h5py.File(run / "merged.h5", "r") as f:
-        before = {n: f[n][()] for n in f}
+        before = {n: d[()] for n, d in f.items() if isinstance(d, h5py.Dataset)}
+        meta = store.merged_meta(f, run / "merged.h5")
     assert not coopt_fast.merge(run, force=True, progress=False)["skipped"]
     with h5py.File(run / "merged.h5", "r") as f:
         for n in before:
             assert np.array_equal(f[n][()], before[n]), n
+        assert store.merged_meta(f, run / "merged.h5") == meta

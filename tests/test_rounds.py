@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 import coopt_fast
 from coopt_fast.cli import app
+from coopt_fast import store
 from coopt_fast.errors import CooptError
 from coopt_fast.priors import file_sha256
 
@@ -51,7 +52,7 @@ def run(base, tmp_path):
 def _merged(run):
     with h5py.File(run / "merged.h5", "r") as f:
         return {"targets": f["targets"][:], "index": f["index"][:], "participant": f["participant"][:],
-                "rounds": json.loads(f.attrs["rounds"])}
+                "rounds": store.merged_meta(f, run / "merged.h5")["rounds"]}
 
 
 def test_round_upgrade_archives_and_merge_takes_the_latest(base, run, tmp_path):
