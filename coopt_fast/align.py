@@ -204,6 +204,7 @@ def align(
     score: str = prior_scores.DEFAULT_SCORE,
     force: bool = False,
     workspace: str | Path | None = None,
+    device: str = "auto",
 ) -> dict:
     """Align one participant (local mode) or all of them; write each aligned.h5.
 
@@ -219,9 +220,17 @@ def align(
     refused, naming what differs.
     The summary's "warnings" (also printed by the CLI) name a reference of low effective rank
     and fits with fewer rows of S than feature dims (under-determined: the ridge decides).
+    device: where the shard's targets are computed (auto | cpu | cuda | cuda:N): the grouped
+    apply, O(rows x l x n), through the kernels' dispatcher (Triton on CUDA: fp16 products with
+    fp32 accumulation, so targets differ from the CPU's fp32 products by about one fp16 rounding).
+    Everything on S (the fit, S*, shared.h5) stays on the CPU: S* names the alignment every
+    upload is checked against (s_star), so it must be the same bits on every machine.
     """
+    from .training import resolve_device
+
     run = Path(run)
     _check_options(dim, ridge, target_dtype, participant, workspace)
+    dev = resolve_device(device)
     plan = load_plan(run)
     everyone, local, todo = _who(run, participant, workspace)
     check_reference(run, everyone, reference, score)
@@ -229,7 +238,7 @@ def align(
     peers = Peers(run, plan, everyone, local)
     ref, todo = _checked_reference(peers, todo, reference, score)
     t0 = time.perf_counter()
-    job = Job(run, plan, peers, ref, dim, ridge, target_dtype, force, progress)
+    job = Job(run, plan, peers, ref, dim, ridge, target_dtype, force, progress, dev)
     s_star = ref_ok = None
     to_publish = {}  # name -> shared.h5 contents, published once every fit has succeeded
     if ref == CONSENSUS:
@@ -266,6 +275,7 @@ class Job:
     target_dtype: str
     force: bool
     progress: bool
+    device: torch.device        # where the shard's targets are computed (_apply_all)
 
 
 def _check_options(dim: int, ridge: float | None, target_dtype: str, participant, workspace) -> None:
@@ -367,7 +377,7 @@ def _write(job: Job, fits: dict, to_publish: dict) -> set[str]:
             for nm in write:
                 locks.enter_context(store.Lock(layout.upload_path(run, nm)))
             with disk_guard(run / "participants"):
-                _apply_all(run, write, job.ref, job.dim, job.target_dtype, job.progress, align_apply)
+                _apply_all(job, write, align_apply)
     for nm in fits:
         if state[nm] in ("write", "unrecorded"):
             store.write_manifest(layout.participant_dir(run, nm), layout.UPLOAD)
@@ -596,27 +606,31 @@ def _reference_targets(peers: Peers, ref: str, dim: int) -> tuple[torch.Tensor, 
     return got
 
 
-def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, align_apply) -> None:
-    """Apply every participant's map to its shard (one grouped launch per block of rows):
-    open each upload's partial, apply block by block, publish each."""
+def _apply_all(job: Job, fits: dict, align_apply) -> None:
+    """Apply every participant's map to its shard (one grouped launch per block of rows, on
+    job.device): open each upload's partial, apply block by block, publish each."""
+    dim, td, dev = job.dim, job.target_dtype, job.device
     srcs, outs = {}, {}
     try:
         for name, ft in fits.items():
             srcs[name] = store.open_complete(ft["features"], "features")
-            path = layout.upload_path(run, name)
+            path = layout.upload_path(job.run, name)
             outs[name] = (*_open_upload(path, srcs[name], ft, dim, td), path)
+        maps = {nm: ft["map"].to(dev) for nm, ft in fits.items()}  # moved once, not per block
         total = sum(srcs[nm]["shard/features"].shape[0] for nm in fits)
-        with bar("align", total, progress, unit="rows") as advance:
+        with bar("align", total, job.progress, unit="rows") as advance:
             advance(sum(store.rows_done(t) for _, t, _ in outs.values()))
             while live := [nm for nm, (_, t, _) in outs.items() if store.rows_done(t) < t.shape[0]]:
                 at = {nm: store.rows_done(outs[nm][1]) for nm in live}  # finite rows: check_features read them
-                xs = [torch.from_numpy(srcs[nm]["shard/features"][at[nm] : at[nm] + APPLY_BLOCK_ROWS]) for nm in live]
-                ys, sums, sumsqs = align_apply(xs, [fits[nm]["map"] for nm in live], out_dtype=codec.kernel_dtype(td))
+                xs = [torch.from_numpy(srcs[nm]["shard/features"][at[nm] : at[nm] + APPLY_BLOCK_ROWS]).to(dev)
+                      for nm in live]
+                ys, sums, sumsqs = align_apply(xs, [maps[nm] for nm in live], out_dtype=codec.kernel_dtype(td))
+                ys, sums, sumsqs = [y.cpu() for y in ys], sums.cpu(), sumsqs.cpu()
                 for g, nm in enumerate(live):
                     _store_block(outs[nm][0], outs[nm][1], ys[g], sums[g], sumsqs[g], td, dim)
                     advance(len(ys[g]))
         for f, _, path in outs.values():
-            _publish_upload(f, path, ref, td, dim)
+            _publish_upload(f, path, job.ref, td, dim)
         outs.clear()
     except CooptError as e:  # bad input (not a full disk): keep no partial output
         for f, _, path in outs.values():
