@@ -14,6 +14,13 @@ Writes RUN/participants/NAME/aligned.h5:
   stats/sum, stats/sumsq [n] float64: per-dimension sums of the stored shard targets
   attrs: reference, residual, dim, projection_seed, ridge, prior, uniformity, round (features.h5's), ...
 
+Devices: the shard's targets, the O(rows x l x n) bulk, are computed on --device through the
+kernels' dispatcher (Triton on CUDA: fp16 features times the map's fp16 hi + lo halves, fp32
+accumulation: within ~1e-5 of the CPU's fp32 product, then the same fp16 cast). Everything on S
+(the fit, S*, shared.h5) stays on the CPU: S* names the alignment every upload is checked against
+(s_star), so it must be the same bits on every machine. A rerun on another device finds its
+aligned.h5 up to date (the identity holds no device).
+
 Before computing anything, every features.h5 the command reads is checked (check_features: whole,
 the sha256 its participant's manifest.json records, this run's data set, shard and S), so a bad
 file refuses the command before any aligned.h5 is written. An existing aligned.h5 with the same
@@ -204,7 +211,7 @@ def align(
     score: str = prior_scores.DEFAULT_SCORE,
     force: bool = False,
     workspace: str | Path | None = None,
-    device: str = "auto",
+    device: str = "auto",  # where the shard's targets are computed: auto | cpu | cuda | cuda:N ("Devices" above)
 ) -> dict:
     """Align one participant (local mode) or all of them; write each aligned.h5.
 
@@ -220,17 +227,9 @@ def align(
     refused, naming what differs.
     The summary's "warnings" (also printed by the CLI) name a reference of low effective rank
     and fits with fewer rows of S than feature dims (under-determined: the ridge decides).
-    device: where the shard's targets are computed (auto | cpu | cuda | cuda:N): the grouped
-    apply, O(rows x l x n), through the kernels' dispatcher (Triton on CUDA: fp16 products with
-    fp32 accumulation, so targets differ from the CPU's fp32 products by about one fp16 rounding).
-    Everything on S (the fit, S*, shared.h5) stays on the CPU: S* names the alignment every
-    upload is checked against (s_star), so it must be the same bits on every machine.
     """
-    from .training import resolve_device
-
     run = Path(run)
-    _check_options(dim, ridge, target_dtype, participant, workspace)
-    dev = resolve_device(device)
+    dev = _check_options(dim, ridge, target_dtype, participant, workspace, device)
     plan = load_plan(run)
     everyone, local, todo = _who(run, participant, workspace)
     check_reference(run, everyone, reference, score)
@@ -278,7 +277,10 @@ class Job:
     device: torch.device        # where the shard's targets are computed (_apply_all)
 
 
-def _check_options(dim: int, ridge: float | None, target_dtype: str, participant, workspace) -> None:
+def _check_options(dim: int, ridge: float | None, target_dtype: str, participant, workspace, device: str) -> torch.device:
+    """Refuse bad options before anything is read; the resolved device."""
+    from .training import resolve_device
+
     codec.check(target_dtype)
     if not 1 <= dim <= MAX_DIM:
         raise CooptError(f"--dim must be in [1, {MAX_DIM}], got {dim}")
@@ -286,6 +288,7 @@ def _check_options(dim: int, ridge: float | None, target_dtype: str, participant
         raise CooptError(f"--ridge must be a finite number >= 0, got {ridge}")
     if workspace is not None and participant is None:
         raise CooptError("--workspace is one participant's: give --participant NAME with it")
+    return resolve_device(device)
 
 
 def _checked_reference(peers: Peers, todo: list[str], reference: str, score: str) -> tuple[str | None, list[str]]:
