@@ -211,22 +211,40 @@ def align(
     score: str = prior_scores.DEFAULT_SCORE,
     force: bool = False,
     workspace: str | Path | None = None,
-    device: str = "auto",  # where the shard's targets are computed: auto | cpu | cuda | cuda:N ("Devices" above)
+    device: str = "auto",
 ) -> dict:
     """Align one participant (local mode) or all of them; write each aligned.h5.
 
-    participant: align only this one, from its own features (in `workspace`, default
-    RUN/participants/NAME) and what the others published (record.json; shared.h5: their projected
-    features on S for the consensus, the reference's S* otherwise). Under the consensus it first
-    publishes its own shared.h5; while another participant's is missing it raises WaitingError
-    (exit 75) naming them, and a rerun once they have published finishes.
-    reference "best" takes the participant with the best `score` on S (coopt_fast.scores).
-    target_dtype: how the uploaded targets are stored (see coopt_fast.codec).
-    force: (re)write every participant's aligned.h5 and shared.h5. Without it, an existing file
-    identical to what align would write is left alone (its row says "skipped"), and any other is
-    refused, naming what differs.
-    The summary's "warnings" (also printed by the CLI) name a reference of low effective rank
-    and fits with fewer rows of S than feature dims (under-determined: the ridge decides).
+    Under the consensus a participant aligning alone first publishes its own shared.h5; while
+    another participant's is missing it raises WaitingError (exit 75) naming them, and a rerun
+    once they have published finishes.
+
+    Args:
+        run: the run folder (or an s3:// URL, with participant: pulled, aligned, pushed).
+        dim: n, the common target dimension.
+        participant: align only this one, from its own features (in `workspace`) and what the
+            others published (record.json; shared.h5: their projected features on S for the
+            consensus, the reference's S* otherwise). None: every participant here.
+        reference: consensus | best (the participant with the best `score` on S) | NAME | none.
+        ridge: ridge λ of the fit (None: auto).
+        target_dtype: how the uploaded targets are stored (see coopt_fast.codec).
+        progress: a progress bar (or plain lines without a terminal) on stderr.
+        score: what reference "best" ranks by (coopt_fast.scores).
+        force: (re)write every participant's aligned.h5 and shared.h5. Without it, an existing
+            file identical to what align would write is left alone (its row says "skipped"),
+            and any other is refused, naming what differs.
+        workspace: with participant, the folder holding its features.h5 (default
+            RUN/participants/NAME).
+        device: where the shard's targets are computed: auto | cpu | cuda | cuda:N (module
+            docstring, "Devices"; the fit on S stays on the CPU).
+
+    Returns:
+        A summary: reference, score, warnings (a reference of low effective rank, fits with fewer
+        rows of S than feature dims), dim, target_dtype, bytes_per_row, participants, seconds.
+
+    Raises:
+        CooptError: bad options or device, a faulty or missing features.h5 or record, a
+            different aligned.h5 without force; WaitingError while a peer's file is missing.
     """
     run = Path(run)
     dev = _check_options(dim, ridge, target_dtype, participant, workspace, device)

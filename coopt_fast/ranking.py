@@ -22,10 +22,24 @@ from .errors import CooptError
 @remote.on_platform
 def score(run: str | Path, by: str = prior_scores.DEFAULT_SCORE, device: str = "auto", recompute: bool = False) -> dict:
     """Every participant's scores on S, ranked by `by`, from their published records (computed by
-    extract from the features on S); runs made before records, and every participant with
-    recompute=True, computed from features.h5 on `device` (auto | cpu | cuda | cuda:N; under
-    torchrun U's pairs are split across the ranks). "picks": the participant each score would
-    choose as the reference."""
+    extract from the features on S), or computed from features.h5 (runs made before records, or
+    recompute). Under torchrun every rank must call it: U's pairs are split across the ranks.
+
+    Args:
+        run: the run folder (or an s3:// URL: pulled whole first).
+        by: the score to rank by (coopt_fast.scores.SCORES).
+        device: where computed scores are computed: auto | cpu | cuda | cuda:N (the kernels'
+            dispatcher: Triton on CUDA, within ~1e-5 of the CPU's U).
+        recompute: compute every score from the features.h5 in the run folder, not the records.
+
+    Returns:
+        A summary: participants (ranked rows with every score), by, best, picks (the participant
+        each score would choose as the reference), recomputed, device.
+
+    Raises:
+        CooptError: an unknown score or device, no participant, a faulty record or features.h5,
+            a participant with neither record nor features here (with recompute: no features).
+    """
     from .training import resolve_device
 
     if by not in prior_scores.SCORES:
