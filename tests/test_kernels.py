@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import coopt_fast.kernels as K  # noqa: E402
 from coopt_fast.kernels.align_apply_triton import align_apply_triton  # noqa: E402
-from coopt_fast.kernels.reference import align_apply_ref, uniformity_ref  # noqa: E402
+from coopt_fast.kernels.reference import align_apply_ref, uniformity_ref, uniformity_tiled_ref  # noqa: E402
 from coopt_fast.kernels.torch_ops import (align_apply_torch, finish_uniformity,  # noqa: E402
                                           uniformity_log2sum_torch, uniformity_torch)
 from coopt_fast.kernels.uniformity_triton import (interpreting, uniformity_log2sum_triton,  # noqa: E402
@@ -303,6 +303,14 @@ def test_uniformity_sharded_two_gloo_ranks_equal_one_process(tmp_path):
         print(f"t={t}: 2 ranks {ranks[0]['u'][t]!r}, 1 process {K.uniformity(x, float(t)).item()!r}")
         assert_close(ranks[0]["u"][t], K.uniformity(x, float(t)), tol, 1e-6, f"2 ranks vs 1 process, t={t}")
         assert math.isfinite(ranks[0]["u"][t])
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-3)])
+def test_tiled_baseline_is_right(dtype, atol):
+    """bench_uniformity's competent baseline must compute U, or its timings compare nothing."""
+    torch.manual_seed(6)
+    x = (torch.randn(301, 40) + 0.2).to(dtype)
+    assert_close(uniformity_tiled_ref(x, 2.0, block=64, block_cols=100), uniformity_ref(x), atol, 1e-5, f"tiled {dtype}")
 
 
 # ---------------------------------------------------------------------------------- dispatcher
