@@ -7,7 +7,13 @@ memory growth, median of repeats, speed-up against the reference of the same inv
     python bench/bench_align.py --cases 100000x512+60000x384+42144x2048   # '+' joins groups
 
 Inputs are what align feeds the op: float16 features [m_k, l_k], float32 maps [l_k, n], float16
-targets. Bytes counted are the minimum the op must move: features read once, targets written
+targets.
+
+Baselines in the kernel's own arithmetic, so a speed-up is the kernel's and not a dtype's:
+reference = on CPU kernels.reference.align_apply_ref (fp32 products: what the CPU fallback
+computes); on CUDA the Triton kernel's arithmetic with cuBLAS, per group (x @ hi) + (x @ lo) in
+fp16 with fp32 accumulation (the map's hi + lo fp16 halves, align_apply_triton.split_maps), cast,
+statistics in fp64. reference-fp32 (CUDA): align_apply_ref's fp32 products, for comparison. Bytes counted are the minimum the op must move: features read once, targets written
 once, maps read once. On CUDA it reports the fraction of HBM bandwidth and of dense fp16 tensor
 peak, and of the roofline max(bytes / HBM, flops / tensor peak): at n = 512 the op is
 tensor-bound (see kernels/align_apply_triton.py), so 80% of HBM bandwidth is out of reach there.
@@ -39,6 +45,33 @@ def parse_case(case: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in g.lower().split("x")) for g in case.split("+")]
 
 
+def align_apply_split_ref(xs, maps, out_dtype=None):
+    """The Triton kernel's arithmetic in plain torch (cuBLAS on CUDA): fp16 features times the map's
+    fp16 hi and lo halves, two GEMMs per group summed in fp32, cast, fp64 statistics of the cast."""
+    import torch
+
+    from coopt_fast.kernels.align_apply_triton import split_maps
+
+    out_dtype = out_dtype or torch.float16
+    n = maps[0].shape[1]
+    s = torch.zeros(len(xs), n, dtype=torch.float64, device=maps[0].device)
+    ss = torch.zeros_like(s)
+    ys = []
+    for g, (x, m) in enumerate(zip(xs, maps)):
+        hi, lo, inv = split_maps([m], x.dtype, n, m.device)
+        # fp32 output of the fp16 GEMM (cuBLAS accumulates in fp32): x @ hi is scaled by s and may
+        # exceed fp16's range. The CPU has no such GEMM; there it is emulated in fp32 (checks only).
+        if x.is_cuda:
+            y = torch.mm(x, hi, out_dtype=torch.float32).add_(torch.mm(x, lo, out_dtype=torch.float32))
+        else:
+            y = (x.float() @ hi.float()).add_(x.float() @ lo.float())
+        y = y.mul_(inv[0]).to(out_dtype)
+        yd = y.double()
+        s[g], ss[g] = yd.sum(0), yd.square().sum(0)
+        ys.append(y)
+    return ys, s, ss
+
+
 def _child(spec: dict) -> None:
     import torch
 
@@ -46,7 +79,9 @@ def _child(spec: dict) -> None:
     from coopt_fast.kernels.reference import align_apply_ref
     from coopt_fast.kernels.torch_ops import align_apply_torch
 
-    fn = {"reference": align_apply_ref, "torch": align_apply_torch, "triton": align_apply_triton}[spec["provider"]]
+    cuda = spec["device"] == "cuda"
+    fn = {"reference": align_apply_split_ref if cuda else align_apply_ref, "reference-fp32": align_apply_ref,
+          "torch": align_apply_torch, "triton": align_apply_triton}[spec["provider"]]
     g = torch.Generator(device=spec["device"]).manual_seed(0)
     dev, n = spec["device"], spec["n"]
     xs = [torch.randn(m, l, generator=g, device=dev).half() for m, l in spec["groups"]]
@@ -64,7 +99,8 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--cases", help="comma-separated cases; a case is MxL groups joined by '+'")
     ap.add_argument("--n", type=int, default=512, help="common dimension")
-    ap.add_argument("--providers", default=None, help="reference,torch,triton (default: what the device runs)")
+    ap.add_argument("--providers", default=None,
+                    help="reference,reference-fp32,torch,triton (default: what the device runs)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--budget", type=float, default=60.0, help="seconds per measurement before repeats stop")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per subprocess")
@@ -81,7 +117,7 @@ def main() -> None:
     if cuda:
         mixed = "+".join(f"{m * 16}x{l}" for m, l in parse_case(mixed))
     cases = args.cases or (f"4194304x512,4194304x2048,{mixed}" if cuda else f"262144x512,65536x2048,{mixed}")
-    providers = (args.providers or ("reference,torch,triton" if cuda else "reference,torch")).split(",")
+    providers = (args.providers or ("reference,reference-fp32,torch,triton" if cuda else "reference,torch")).split(",")
     wait_quiet(args.wait_quiet)
     meta = machine()
     rows = []
@@ -136,6 +172,8 @@ def main() -> None:
                        "timed runs (cold run if it was the only one); peak_mem_cold_mb: over the first run",
         "time": f"median of up to {args.repeats} runs after 1 cold run, each provider in its own subprocess",
         "bytes": "sum m_k*l_k*2 (fp16 features) + N*n*2 (fp16 targets) + sum l_k*n*4 (fp32 maps)",
+        "reference": "CPU: align_apply_ref (fp32 products, the fallback's dtype); CUDA: the kernel's arithmetic "
+                     "with cuBLAS (fp16 x @ fp16 map hi + lo, fp32 sum); reference-fp32: align_apply_ref",
         "peaks": f"H200 HBM3e {H200_HBM_TBPS} TB/s, dense FP16/BF16 {H200_BF16_DENSE_TFLOPS} TFLOP/s (spec sheet)",
     }
     write_results(args.out, meta, rows, ("case", "n", "provider", "device"), args.append)

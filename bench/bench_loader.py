@@ -12,8 +12,12 @@ Providers, shuffled (epoch_permutation(N, seed=0, epoch)), fields images + targe
   storeloader  coopt_fast.loader.StoreLoader, device cpu, a whole epoch
   memmap       the limit: np.memmap row gathers of the same bytes in the same permutation (precomputed)
   h5py         h5py fancy indexing per batch with the batch's indices sorted (--h5py-batches batches)
-  persample    torch DataLoader (num_workers=0) over a Dataset whose __getitem__ reads one row
-               of each field through h5py (--persample-batches batches)
+  persample    torch DataLoader as users run it: --persample-workers worker processes (default 2,
+               this machine's cores), persistent_workers, pin_memory on CUDA, prefetch 2 batches
+               per worker, over a Dataset whose __getitem__ reads one row of each field through
+               h5py (each worker opens the file itself); the shuffled order comes from a sampler
+               whose epoch is set before each pass (--persample-batches batches). Workers start
+               once, before the clock (persistent: what an epoch loop pays after the first epoch)
 Training with a trivial model (`train --student linear`: 4x4 pooling + one linear layer, so the
 step is augmentation + optimizer, not a network), --train-steps steps per run, two feeds:
   train        the real train(): StoreLoader over the store; the time spent inside the loader's
@@ -25,7 +29,7 @@ is printed too (the issue's literal "equals the loader's rate"; on a CPU the ste
 slower than the gather, so that ratio measures the step, not the store).
 --device cuda (a GPU machine): StoreLoader runs twice, staged (pinned double-buffered copies,
 resident=False) and resident (the store uploaded once, gathers on the GPU); train/train_ram
-run on the GPU; memmap stays the host-side limit; h5py and persample are skipped.
+run on the GPU; memmap stays the host-side limit; h5py is skipped, persample pins its batches.
 Times: one warm-up, then --repeats rounds (providers interleaved), medians. The store fits in RAM
 (page cache) after the first pass, so these are warm-cache numbers; a cold-ish pass (file evicted
 with posix_fadvise(DONTNEED) after fsync) is reported separately for StoreLoader and sequential read.
@@ -176,8 +180,36 @@ class H5Dataset(torch.utils.data.Dataset):
         return {"images": torch.from_numpy(self.f["images"][i]), "targets": torch.from_numpy(self.f["targets"][i])}
 
 
-def run_persample(ds, order, bs, nb):
-    dl = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=order[: nb * bs].tolist(), num_workers=0)
+class EpochSampler(torch.utils.data.Sampler):
+    """The first nb*bs indices of epoch_permutation(n, 0, epoch); set_epoch before each pass (as
+    DistributedSampler): with persistent workers the sampler runs in the main process, so one
+    DataLoader serves every epoch."""
+
+    def __init__(self, n, count):
+        self.n, self.count, self.epoch = n, count, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(epoch_permutation(self.n, 0, self.epoch)[: self.count].tolist())
+
+    def __len__(self):
+        return self.count
+
+
+def persample_loader(ds, bs, nb, workers, pin):
+    """A DataLoader as users run it; its workers started (one warm pass) before any timing."""
+    sampler = EpochSampler(len(ds), nb * bs)
+    dl = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=workers, pin_memory=pin,
+                                     persistent_workers=workers > 0, prefetch_factor=2 if workers else None)
+    for _ in dl:  # starts the workers, opens each one's h5py file
+        pass
+    return dl
+
+
+def run_persample(dl, epoch):
+    dl.sampler.set_epoch(epoch)
     rows, t0 = 0, time.perf_counter()
     for batch in dl:
         rows += batch["targets"].shape[0]
@@ -287,6 +319,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--h5py-batches", type=int, default=100)
     ap.add_argument("--persample-batches", type=int, default=50)
+    ap.add_argument("--persample-workers", type=int, default=min(2, os.cpu_count() or 1),
+                    help="DataLoader worker processes of the per-sample baseline (0: in the main process)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: StoreLoader staged and resident, train on the GPU")
     ap.add_argument("--train-steps", type=int, default=1500, help="steps per train run (0: skip the train rows)")
     ap.add_argument("--cold-seconds", type=float, default=30.0, help="cap on the cold StoreLoader pass")
@@ -345,12 +379,13 @@ def main():
             "storeloader": lambda e: run_storeloader(loader, e),
             "memmap": lambda e: run_memmap(arrs, epoch_permutation(n, 0, e).numpy(), bs),
             "h5py": lambda e: run_h5py(path, epoch_permutation(n, 0, e).numpy(), bs, nb_h5),
-            "persample": lambda e: run_persample(ds, epoch_permutation(n, 0, e).numpy(), bs, nb_ps),
+            "persample": lambda e: run_persample(dl, e),
         }
+        dl = persample_loader(ds, bs, nb_ps, args.persample_workers, pin=cuda)
         if cuda:  # host-side baselines other than the memmap limit say nothing new on a GPU machine
             loader = StoreLoader(path, bs, fields=("images", "targets"), seed=0, device=args.device, resident=False)
             resident = StoreLoader(path, bs, fields=("images", "targets"), seed=0, device=args.device, resident=True)
-            del cases["h5py"], cases["persample"]
+            del cases["h5py"]
             cases["resident"] = lambda e: run_storeloader(resident, e)
         times = {k: [] for k in cases}
         for rnd in range(args.repeats + 1):  # round 0 = warm-up
@@ -360,7 +395,9 @@ def main():
                 rows, s = cases[k](rnd)
                 if rnd:
                     times[k].append((rows, s))
-        r = {"load": os.getloadavg(), "h5py_batches": nb_h5, "persample_batches": nb_ps}
+        del dl  # its persistent workers end here
+        r = {"load": os.getloadavg(), "h5py_batches": nb_h5, "persample_batches": nb_ps,
+             "persample_workers": args.persample_workers}
         for k, v in times.items():
             rps = statistics.median(rows / s for rows, s in v)
             r[k] = {"rows": v[0][0], "seconds": [s for _, s in v], "rows_per_s": rps, "gb_per_s": rps * ROW_BYTES / 1e9}

@@ -41,7 +41,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 || {
 
 # CUDA paths that CPU CI cannot reach: compiled Triton kernels, the staged/resident loader,
 # GPU decoding of compressed targets; then the rest of those suites on the GPU's torch.
-stage test 150 python3 -m pytest -q -rs -x tests/test_loader.py tests/test_kernels.py tests/test_codec.py
+# test_device: score --recompute and align on --device cuda against the CPU (kernels on the product path)
+stage test 180 python3 -m pytest -q -rs -x tests/test_loader.py tests/test_kernels.py tests/test_codec.py tests/test_device.py
 # The whole story with --device cuda (torchvision decoding: no DALI here): bf16 autocast, compile.
 stage demo 150 python3 -m coopt_fast demo --out "$OUT/demo-run" --device cuda --limit 8000 --quiet
 stage uniformity 90 python3 bench/bench_uniformity.py --budget 15 --out "$OUT/uniformity_cuda.json"

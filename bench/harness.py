@@ -115,9 +115,12 @@ def measure(fn, device: str, repeats: int, budget: float) -> dict:
     }
 
 
-def run_child(script: str, spec: dict, timeout: float) -> dict:
-    """Run `script --child SPEC` in a fresh interpreter; it prints one JSON line."""
+def run_child(script: str, spec: dict, timeout: float, ranks: int = 1) -> dict:
+    """Run `script --child SPEC` in a fresh interpreter; it prints one JSON line. ranks > 1: under
+    torchrun (--standalone, OMP_NUM_THREADS=1 per rank, torchrun's default); rank 0 prints."""
     cmd = [sys.executable, script, "--child", json.dumps(spec)]
+    if ranks > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # see measure()
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)

@@ -25,6 +25,7 @@ def align(
                                "with other settings or features is refused; an identical one is left as it is)"),
     workspace: Optional[str] = typer.Option(None, "--workspace", metavar="DIR", help="with --participant: the folder holding your "
                                             "features.h5 (default RUN/participants/NAME)"),
+    device: str = o.device("where the shard's targets are computed (Triton on CUDA); the fit on S stays on the CPU"),
     quiet: bool = o.quiet_flag(),
     json_out: bool = o.json_flag(),
 ):
@@ -40,7 +41,7 @@ def align(
     """
     s = coopt_fast.align(run, dim=dim, participant=participant, reference=reference, ridge=ridge,
                          target_dtype=target_dtype, progress=not quiet, score=score, force=force,
-                         workspace=workspace)
+                         workspace=workspace, device=device)
     by = f" (best by {s['score']})" if s["score"] and s["reference"] else ""
     t = Table(title=f"aligned to {s['reference'] or 'nothing (W only)'}{by} in {dim} dims, "
               f"{s['target_dtype']} ({s['bytes_per_row']} bytes/sample)")

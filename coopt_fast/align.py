@@ -16,6 +16,13 @@ Writes RUN/participants/NAME/aligned.h5:
          features_sha256 (of the features.h5 it was fitted from), ...
   every float dataset is chunked with the fletcher32 checksum (store.create_rows / create_checked)
 
+Devices: the shard's targets, the O(rows x l x n) bulk, are computed on --device through the
+kernels' dispatcher (Triton on CUDA: fp16 features times the map's fp16 hi + lo halves, fp32
+accumulation: within ~1e-5 of the CPU's fp32 product, then the same fp16 cast). Everything on S
+(the fit, S*, shared.h5) stays on the CPU: S* names the alignment every upload is checked against
+(s_star), so it must be the same bits on every machine. A rerun on another device finds its
+aligned.h5 up to date (the identity holds no device).
+
 Before computing anything, every features.h5 the command reads is checked (check_features: whole,
 the sha256 its participant's manifest.json records, this run's data set, shard and S), so a bad
 file refuses the command before any aligned.h5 is written. An existing aligned.h5 with the same
@@ -206,24 +213,43 @@ def align(
     score: str = prior_scores.DEFAULT_SCORE,
     force: bool = False,
     workspace: str | Path | None = None,
+    device: str = "auto",
 ) -> dict:
     """Align one participant (local mode) or all of them; write each aligned.h5.
 
-    participant: align only this one, from its own features (in `workspace`, default
-    RUN/participants/NAME) and what the others published (record.json; shared.h5: their projected
-    features on S for the consensus, the reference's S* otherwise). Under the consensus it first
-    publishes its own shared.h5; while another participant's is missing it raises WaitingError
-    (exit 75) naming them, and a rerun once they have published finishes.
-    reference "best" takes the participant with the best `score` on S (coopt_fast.scores).
-    target_dtype: how the uploaded targets are stored (see coopt_fast.codec).
-    force: (re)write every participant's aligned.h5 and shared.h5. Without it, an existing file
-    identical to what align would write is left alone (its row says "skipped"), and any other is
-    refused, naming what differs.
-    The summary's "warnings" (also printed by the CLI) name a reference of low effective rank
-    and fits with fewer rows of S than feature dims (under-determined: the ridge decides).
+    Under the consensus a participant aligning alone first publishes its own shared.h5; while
+    another participant's is missing it raises WaitingError (exit 75) naming them, and a rerun
+    once they have published finishes.
+
+    Args:
+        run: the run folder (or an s3:// URL, with participant: pulled, aligned, pushed).
+        dim: n, the common target dimension.
+        participant: align only this one, from its own features (in `workspace`) and what the
+            others published (record.json; shared.h5: their projected features on S for the
+            consensus, the reference's S* otherwise). None: every participant here.
+        reference: consensus | best (the participant with the best `score` on S) | NAME | none.
+        ridge: ridge λ of the fit (None: auto).
+        target_dtype: how the uploaded targets are stored (see coopt_fast.codec).
+        progress: a progress bar (or plain lines without a terminal) on stderr.
+        score: what reference "best" ranks by (coopt_fast.scores).
+        force: (re)write every participant's aligned.h5 and shared.h5. Without it, an existing
+            file identical to what align would write is left alone (its row says "skipped"),
+            and any other is refused, naming what differs.
+        workspace: with participant, the folder holding its features.h5 (default
+            RUN/participants/NAME).
+        device: where the shard's targets are computed: auto | cpu | cuda | cuda:N (module
+            docstring, "Devices"; the fit on S stays on the CPU).
+
+    Returns:
+        A summary: reference, score, warnings (a reference of low effective rank, fits with fewer
+        rows of S than feature dims), dim, target_dtype, bytes_per_row, participants, seconds.
+
+    Raises:
+        CooptError: bad options or device, a faulty or missing features.h5 or record, a
+            different aligned.h5 without force; WaitingError while a peer's file is missing.
     """
     run = Path(run)
-    _check_options(dim, ridge, target_dtype, participant, workspace)
+    dev = _check_options(dim, ridge, target_dtype, participant, workspace, device)
     plan = load_plan(run)
     everyone, local, todo = _who(run, participant, workspace)
     check_reference(run, everyone, reference, score)
@@ -231,7 +257,7 @@ def align(
     peers = Peers(run, plan, everyone, local)
     ref, todo = _checked_reference(peers, todo, reference, score)
     t0 = time.perf_counter()
-    job = Job(run, plan, peers, ref, dim, ridge, target_dtype, force, progress)
+    job = Job(run, plan, peers, ref, dim, ridge, target_dtype, force, progress, dev)
     s_star = ref_ok = None
     to_publish = {}  # name -> shared.h5 contents, published once every fit has succeeded
     if ref == CONSENSUS:
@@ -268,9 +294,13 @@ class Job:
     target_dtype: str
     force: bool
     progress: bool
+    device: torch.device        # where the shard's targets are computed (_apply_all)
 
 
-def _check_options(dim: int, ridge: float | None, target_dtype: str, participant, workspace) -> None:
+def _check_options(dim: int, ridge: float | None, target_dtype: str, participant, workspace, device: str) -> torch.device:
+    """Refuse bad options before anything is read; the resolved device."""
+    from .training import resolve_device
+
     codec.check(target_dtype)
     if not 1 <= dim <= MAX_DIM:
         raise CooptError(f"--dim must be in [1, {MAX_DIM}], got {dim}")
@@ -278,6 +308,7 @@ def _check_options(dim: int, ridge: float | None, target_dtype: str, participant
         raise CooptError(f"--ridge must be a finite number >= 0, got {ridge}")
     if workspace is not None and participant is None:
         raise CooptError("--workspace is one participant's: give --participant NAME with it")
+    return resolve_device(device)
 
 
 def _checked_reference(peers: Peers, todo: list[str], reference: str, score: str) -> tuple[str | None, list[str]]:
@@ -369,7 +400,7 @@ def _write(job: Job, fits: dict, to_publish: dict) -> set[str]:
             for nm in write:
                 locks.enter_context(store.Lock(layout.upload_path(run, nm)))
             with disk_guard(run / "participants"):
-                _apply_all(run, write, job.ref, job.dim, job.target_dtype, job.progress, align_apply)
+                _apply_all(job, write, align_apply)
     for nm in fits:
         if state[nm] in ("write", "unrecorded"):
             store.write_manifest(layout.participant_dir(run, nm), layout.UPLOAD)
@@ -598,27 +629,31 @@ def _reference_targets(peers: Peers, ref: str, dim: int) -> tuple[torch.Tensor, 
     return got
 
 
-def _apply_all(run: Path, fits: dict, ref, dim: int, td: str, progress: bool, align_apply) -> None:
-    """Apply every participant's map to its shard (one grouped launch per block of rows):
-    open each upload's partial, apply block by block, publish each."""
+def _apply_all(job: Job, fits: dict, align_apply) -> None:
+    """Apply every participant's map to its shard (one grouped launch per block of rows, on
+    job.device): open each upload's partial, apply block by block, publish each."""
+    dim, td, dev = job.dim, job.target_dtype, job.device
     srcs, outs = {}, {}
     try:
         for name, ft in fits.items():
             srcs[name] = store.open_complete(ft["features"], "features")
-            path = layout.upload_path(run, name)
+            path = layout.upload_path(job.run, name)
             outs[name] = (*_open_upload(path, srcs[name], ft, dim, td), path)
+        maps = {nm: ft["map"].to(dev) for nm, ft in fits.items()}  # moved once, not per block
         total = sum(srcs[nm]["shard/features"].shape[0] for nm in fits)
-        with bar("align", total, progress, unit="rows") as advance:
+        with bar("align", total, job.progress, unit="rows") as advance:
             advance(sum(store.rows_done(t) for _, t, _ in outs.values()))
             while live := [nm for nm, (_, t, _) in outs.items() if store.rows_done(t) < t.shape[0]]:
                 at = {nm: store.rows_done(outs[nm][1]) for nm in live}  # finite rows: check_features read them
-                xs = [torch.from_numpy(srcs[nm]["shard/features"][at[nm] : at[nm] + APPLY_BLOCK_ROWS]) for nm in live]
-                ys, sums, sumsqs = align_apply(xs, [fits[nm]["map"] for nm in live], out_dtype=codec.kernel_dtype(td))
+                xs = [torch.from_numpy(srcs[nm]["shard/features"][at[nm] : at[nm] + APPLY_BLOCK_ROWS]).to(dev)
+                      for nm in live]
+                ys, sums, sumsqs = align_apply(xs, [maps[nm] for nm in live], out_dtype=codec.kernel_dtype(td))
+                ys, sums, sumsqs = [y.cpu() for y in ys], sums.cpu(), sumsqs.cpu()
                 for g, nm in enumerate(live):
                     _store_block(outs[nm][0], outs[nm][1], ys[g], sums[g], sumsqs[g], td, dim)
                     advance(len(ys[g]))
         for f, _, path in outs.values():
-            _publish_upload(f, path, ref, td, dim)
+            _publish_upload(f, path, job.ref, td, dim)
         outs.clear()
     except CooptError as e:  # bad input (not a full disk): keep no partial output
         for f, _, path in outs.values():

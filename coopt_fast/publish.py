@@ -32,8 +32,9 @@ RECORD_KEYS = {"participant": str, "round": int, "shard": int, "prior": str, "fe
                "uniformity": (float, type(None)), "scores": dict}
 
 
-def record_of(features: Path, digest: str) -> dict:
-    """The record of a whole features.h5 whose sha256 is `digest` (scores from its rows of S)."""
+def record_of(features: Path, digest: str, device=None, group=None) -> dict:
+    """The record of a whole features.h5 whose sha256 is `digest` (scores from its rows of S,
+    computed on `device`, their pairs split across `group`'s ranks: scores.compute)."""
     import torch  # here, not at the top: status and verify read records without torch
 
     with store.open_complete(features, "features") as f:
@@ -47,7 +48,7 @@ def record_of(features: Path, digest: str) -> dict:
             "skipped_images": int(f["shard/skipped"].shape[0] + f["shared/skipped"].shape[0]),
             "dataset_sha256": str(store.plain(f.attrs["dataset_sha256"])), "features_sha256": digest,
             "uniformity": _finite(float(f.attrs["uniformity"])),
-            "scores": {k: _finite(v) for k, v in prior_scores.all_scores(fs).items()},
+            "scores": {k: _finite(v) for k, v in prior_scores.all_scores(fs, device, group).items()},
             "created": store.provenance()["created"],
         }
 

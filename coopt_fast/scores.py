@@ -37,9 +37,17 @@ def effective_rank(x) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def compute(fs: torch.Tensor, name: str) -> float:
-    """One score of the features on S (rows that failed to decode already removed)."""
-    from .kernels import uniformity  # imports torch: only when a score is computed
+def compute(fs: torch.Tensor, name: str, device=None, group=None) -> float:
+    """One score of the features on S (rows that failed to decode already removed).
+
+    device: where the uniformities run (through the kernels' dispatcher: Triton on CUDA, the
+    blocked torch fallback on CPU); None = fs's own device. The centring and the effective rank's
+    SVD stay on the CPU in fp32/fp64: the same input bits to U on every device, so the published
+    scores differ across devices only by the kernels' rounding (~1e-6 on U: fp32 rows run as
+    tf32x3 on CUDA). group: a torch.distributed (gloo) group whose ranks all call this with the
+    same fs and split U's pairs between them (kernels.uniformity_sharded); None: this process alone.
+    """
+    from .kernels import uniformity_sharded  # imports torch: only when a score is computed
 
     if name not in SCORES:
         raise ValueError(f"unknown score {name!r}; choose from {', '.join(SCORES)}")
@@ -47,14 +55,14 @@ def compute(fs: torch.Tensor, name: str) -> float:
         return float("nan")
     fs = fs.float()
     if name == "uniformity":
-        return float(uniformity(fs))
+        return float(uniformity_sharded(fs.to(device or fs.device), group=group))
     if name == "uniformity-centred":
-        return float(uniformity(fs - fs.mean(0)))
-    return effective_rank(fs.numpy())
+        return float(uniformity_sharded((fs - fs.mean(0)).to(device or fs.device), group=group))
+    return effective_rank(fs.cpu().numpy())
 
 
-def all_scores(fs: torch.Tensor) -> dict[str, float]:
-    return {nm: compute(fs, nm) for nm in SCORES}
+def all_scores(fs: torch.Tensor, device=None, group=None) -> dict[str, float]:
+    return {nm: compute(fs, nm, device, group) for nm in SCORES}
 
 
 def best(values: dict[str, float], name: str) -> str | None:

@@ -23,11 +23,21 @@ at l = 512 and 410 flop/B at l = 2048, above the machine balance (989 TFLOP/s / 
 flop/B). The op is tensor-core bound at those shapes: 80% of HBM bandwidth would need 99% (l=512)
 and 160% (l=2048) of dense fp16 peak. bench_align.py reports both fractions.
 
-Precision: X_k is fp16 (stored features) and the map is cast to fp16 for the tensor cores, so the
-map carries fp16 rounding (2^-11 relative, the same as tf32 would, at twice tf32's speed); fp32
-accumulate. A map whose entries do not fit fp16 runs as fp32 (tf32x3) instead.
+Precision: X_k is fp16 (stored features, exact in the dot) and the fp32 map goes to the tensor
+cores as two fp16 halves, hi = fp16(M s) and lo = fp16(M s - hi), two dots into one fp32
+accumulator, times 1/s in the epilogue. s is a per-group power of two that puts max |M_k s| in
+[2^13, 2^14): no fp16 overflow, and lo stays clear of fp16's subnormals. Why not one fp16 map:
+a fitted map cancels (row sums of |x_i m_ij| ~100x |y_ij| seen on a 256-dim convnet), and
+its fp16 rounding (2^-11 relative per entry) then moved targets by 6% of the row's largest
+value, where hi + lo moves them by ~1e-5 (fp16 output rounding: 5e-4): the CPU's fp32 product
+within float tolerance. Cost: twice the tensor-core work of one fp16 dot (still half of tf32x3's
+three passes; the features, the big operand, are read once). bf16 features: bf16 halves (2^-16
+relative, ~1e-3 of the row max at that cancellation, under bf16's output rounding); fp32
+features: one tf32x3 dot.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -35,17 +45,16 @@ from .torch_ops import check_align_args
 from .uniformity_triton import interpreting, jit
 
 tl = None  # bound by jit() on first use: triton is imported lazily (see uniformity_triton.py)
-_FP16_MAX = 65504.0
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # group table columns: x pointer, x row stride, m_k, l_k, map row offset, output row offset
 _NTAB = 6
 
 
 def _align_kernel(
-    tab_ptr, tiles_ptr, w_ptr, y_ptr, psum_ptr, psq_ptr,
+    tab_ptr, tiles_ptr, w_ptr, wlo_ptr, inv_ptr, y_ptr, psum_ptr, psq_ptr,  # w, wlo: packed map halves; inv: 1/s_k
     n, stride_w, stride_y,
     NTAB: tl.constexpr, X_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ALIGN: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(n, BLOCK_N)
@@ -74,6 +83,7 @@ def _align_kernel(
     cmask = cols < n
     x_ptrs = x_ptr + rows[:, None] * stride_x + ks[None, :]
     w_ptrs = w_ptr + (w_row0 + ks)[:, None] * stride_w + cols[None, :]
+    wlo_ptrs = wlo_ptr + (w_row0 + ks)[:, None] * stride_w + cols[None, :]  # the same layout
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, l_g, BLOCK_K):
         # the K mask also keeps the packed-map read inside this group's l_g rows
@@ -84,8 +94,15 @@ def _align_kernel(
             a = a.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if SPLIT:  # the map's low half
+            wlo = tl.load(wlo_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if DOT_F32:
+                wlo = wlo.to(tl.float32)
+            acc = tl.dot(a, wlo, acc, input_precision=PRECISION)
         x_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_w
+        wlo_ptrs += BLOCK_K * stride_w
+    acc = acc * tl.load(inv_ptr + g)  # undo the map's power-of-two scale: exact
 
     y = acc.to(y_ptr.dtype.element_ty)
     y_ptrs = y_ptr + (y_row0 + rows)[:, None] * stride_y + cols[None, :]
@@ -94,6 +111,23 @@ def _align_kernel(
     yf = tl.where(rmask[:, None], y.to(tl.float32), 0.0)
     tl.store(psum_ptr + pid_m * n + cols, tl.sum(yf, axis=0), mask=cmask)
     tl.store(psq_ptr + pid_m * n + cols, tl.sum(yf * yf, axis=0), mask=cmask)
+
+
+def split_maps(maps: list[torch.Tensor], wdt: torch.dtype, n: int, dev) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hi, lo, inv): the maps packed [sum l_k, n] in `wdt` as hi = wdt(M_k s_k), lo = wdt(M_k s_k - hi)
+    (lo is hi itself, unused, for fp32), and inv = 1/s_k [G] fp32: s_k = 2^(14 - e) for
+    max |M_k| in [2^(e-1), 2^e), so max |M_k s_k| is in [2^13, 2^14) (1 for fp32 or a zero map)."""
+    scales = []
+    for m in maps:
+        amax = float(m.abs().max()) if m.numel() else 0.0
+        half = wdt != torch.float32 and 0.0 < amax < math.inf
+        scales.append(math.ldexp(1.0, max(min(14 - math.frexp(amax)[1], 100), -100)) if half else 1.0)
+    scaled = [m.float() * s for m, s in zip(maps, scales)]
+    hi = torch.cat([m.to(wdt) for m in scaled]).contiguous()
+    lo = hi if wdt == torch.float32 else torch.cat([(m - m.to(wdt).float()).to(wdt) for m in scaled]).contiguous()
+    if hi.numel() == 0:  # every l_k = 0: keep valid pointers for the (fully masked) loads
+        hi = lo = torch.zeros(1, n, dtype=wdt, device=dev)
+    return hi, lo, torch.tensor([1.0 / s for s in scales], dtype=torch.float32, device=dev)
 
 
 def align_apply_triton(
@@ -123,12 +157,9 @@ def align_apply_triton(
     xs = [x.to(xdt) if x.dtype != xdt else x for x in xs]
     xs = [x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous() for x in xs]
 
-    # dot dtype: the features' own half type; fp32 when they are fp32 or a map overflows fp16
-    big = max((float(m.abs().max()) for m in maps if m.numel()), default=0.0) >= _FP16_MAX
-    wdt = torch.float32 if (xdt == torch.float32 or (xdt == torch.float16 and big)) else xdt
-    w = torch.cat([m.to(wdt) for m in maps]).contiguous()
-    if w.numel() == 0:  # every l_k = 0: keep a valid pointer for the (fully masked) loads
-        w = torch.zeros(1, n, dtype=wdt, device=dev)
+    # dot dtype: the features' own half type (the map as two halves), fp32 for fp32 features
+    wdt = xdt
+    w, wlo, inv = split_maps(maps, wdt, n, dev)
 
     esize = xs[0].element_size()
     aligned = all(x.data_ptr() % 16 == 0 and (x.stride(0) * esize) % 16 == 0 and (x.shape[1] * esize) % 16 == 0
@@ -153,12 +184,12 @@ def align_apply_triton(
         kernel = jit(_align_kernel)
         grid = (num_tiles * -(-n // block_n),)
         kernel[grid](
-            tab_t, tiles_t, w, y, psum, psq, n, w.stride(0), y.stride(0),
+            tab_t, tiles_t, w, wlo, inv, y, psum, psq, n, w.stride(0), y.stride(0),
             NTAB=_NTAB, X_DTYPE=getattr(tl, str(xdt).removeprefix("torch.")),
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
             DOT_F32=(wdt == torch.float32 or (interpreting() and wdt == torch.bfloat16)),
             PRECISION="tf32x3" if wdt == torch.float32 else "tf32",
-            ALIGN=align, num_warps=num_warps,
+            ALIGN=align, SPLIT=wdt != torch.float32, num_warps=num_warps,
             # fp32 operands: 3 stages would take 224 KiB of shared memory on sm_90 (limit 227)
             num_stages=min(num_stages, 2) if wdt == torch.float32 else num_stages,
         )

@@ -58,7 +58,21 @@ def finish_uniformity(log2_sum: torch.Tensor | float, n: int) -> float:
 
 
 def uniformity_torch(x: torch.Tensor, t: float = 2.0, block: int = 1024, block_cols: int = 2048) -> torch.Tensor:
-    """Blocked-Gram uniformity: tiles of F^F^T with j >= i only, the diagonal masked exactly.
+    """Blocked-Gram uniformity (uniformity_ref's signature plus tile sizes): all pairs i < j."""
+    check_uniformity_args(x, t)
+    log2_sum = uniformity_log2sum_torch(x, t, None, block, block_cols)
+    return torch.tensor(finish_uniformity(log2_sum, x.shape[0]), dtype=torch.float32, device=x.device)
+
+
+def uniformity_log2sum_torch(
+    x: torch.Tensor, t: float = 2.0, rows: tuple[int, int] | None = None, block: int = 1024, block_cols: int = 2048
+) -> float:
+    """log2 of sum exp(-t ||x^_i - x^_j||^2) over the pairs i < j with r0 <= i < r1 (rows = (r0, r1),
+    default all rows): one rank's band of the pair triangle (kernels.uniformity_sharded); -inf for
+    a band without pairs. Any r0 < r1 works; tiles start at r0 and each band's first block is its
+    diagonal block.
+
+    Blocked Gram: tiles of F^F^T with j >= i only, the diagonal masked exactly.
 
     exp(-t d^2) = 2^(C g_ij + a_i + a_j) with C = 2 t log2(e), a_i = -t log2(e) ||x^_i||^2. The
     row terms are folded into the GEMM by augmenting the rows, [C x^_i, a_i, 1] . [x^_j, 1, a_j]
@@ -74,19 +88,25 @@ def uniformity_torch(x: torch.Tensor, t: float = 2.0, block: int = 1024, block_c
     """
     check_uniformity_args(x, t)
     n, l = x.shape
+    r0, r1 = rows or (0, n)
+    if not 0 <= r0 <= r1 <= n:
+        raise ValueError(f"uniformity rows {rows} are not a range of the {n} rows")
+    if r1 - r0 == 0:
+        return -math.inf
     dev = x.device
     C = 2.0 * t * LOG2E
-    # pass 1, O(2048 * l) temporaries: F.normalize's denominators and the row terms a_i
+    # pass 1, O(2048 * l) temporaries: F.normalize's denominators and the row terms a_i (rows
+    # before r0 are in no pair of the band)
     denom = torch.empty(n, 1, dtype=torch.float32, device=dev)
     rowc = torch.empty(n, dtype=torch.float32, device=dev)
-    for r0 in range(0, n, 2048):
-        r1 = min(r0 + 2048, n)
-        xf = x[r0:r1].float()
+    for c0 in range(r0, n, 2048):
+        c1 = min(c0 + 2048, n)
+        xf = x[c0:c1].float()
         d = torch.linalg.vector_norm(xf, dim=1, keepdim=True).clamp_min_(1e-12)
         xh = xf / d  # the values the tiles below recompute with torch.div(x, denom)
-        rowc[r0:r1] = (xh * xh).sum(1) * (-t * LOG2E)
-        denom[r0:r1] = d
-    block, block_cols = min(block, n), min(max(block_cols, block), n)
+        rowc[c0:c1] = (xh * xh).sum(1) * (-t * LOG2E)
+        denom[c0:c1] = d
+    block, block_cols = min(block, r1 - r0), min(max(block_cols, block), n - r0)
     a = torch.empty(block, l + 2, dtype=torch.float32, device=dev)  # rows [C x^_i, a_i, 1]
     a[:, l + 1] = 1.0
     b = torch.empty(block_cols, l + 2, dtype=torch.float32, device=dev)  # rows [x^_j, 1, a_j]
@@ -96,8 +116,8 @@ def uniformity_torch(x: torch.Tensor, t: float = 2.0, block: int = 1024, block_c
     lower = torch.ones(block, block, dtype=torch.bool, device=dev).tril_()
     shift = t > SHIFT_FREE_MAX_T
     total, top = 0.0, -math.inf  # sum of 2^(e - top) over the pairs seen so far; top = running max
-    for i0 in range(0, n, block):
-        i1 = min(i0 + block, n)
+    for i0 in range(r0, r1, block):
+        i1 = min(i0 + block, r1)
         ai = a[: i1 - i0]
         torch.div(x[i0:i1], denom[i0:i1], out=ai[:, :l]).mul_(C)
         ai[:, l] = rowc[i0:i1]
@@ -125,10 +145,9 @@ def uniformity_torch(x: torch.Tensor, t: float = 2.0, block: int = 1024, block_c
                     total += s * 2.0 ** (m - top)
             else:
                 total += e.exp2_().sum().item()
-    # total > 0 for n >= 2 (every unshifted term >= 2^-116; a shifted tile holds its max, 2^0),
-    # or NaN if the input held NaN/inf, which math.log2 passes through.
-    log2_sum = math.log2(total) + (top if shift else 0.0) if total != 0 else -math.inf
-    return torch.tensor(finish_uniformity(log2_sum, n), dtype=torch.float32, device=dev)
+    # total > 0 for a band with pairs (every unshifted term >= 2^-116; a shifted tile holds its
+    # max, 2^0), or NaN if the input held NaN/inf, which math.log2 passes through.
+    return math.log2(total) + (top if shift else 0.0) if total != 0 else -math.inf
 
 
 def check_align_args(xs: list[torch.Tensor], maps: list[torch.Tensor]) -> int:

@@ -40,22 +40,28 @@ triton = tl = None
 
 def _uniformity_kernel(
     x_ptr, rowc_ptr, part_s_ptr, part_m_ptr,  # xh [n, l]; rowc [n] = a_i; partials [num programs]
-    n, l_pad, stride_x, coef, Tp,  # l_pad: l zero-padded to BLOCK_K; Tp: row blocks rounded up to even
+    n, l_pad, stride_x, coef,  # l_pad: l zero-padded to BLOCK_K
+    rb0, Kp, Tc, row_hi,  # the band: row blocks rb0 .. rb0+Kp-1 (Kp even), column blocks < Tc, rows < row_hi
     BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
     SHIFT: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    # grouped order over the folded (Tp/2) x (Tp+1) rectangle
-    R = Tp // 2
-    width = GROUP * (Tp + 1)
+    # grouped order over the folded (Kp/2) x W rectangle: band row r (Tc - rb0 - r tiles) pairs
+    # with band row Kp-1-r (Tc - rb0 - Kp + 1 + r tiles), W tiles together for every r. The whole
+    # triangle is the band rb0 = 0, Kp = Tc = T rounded up to even.
+    R = Kp // 2
+    W = 2 * (Tc - rb0) - Kp + 1
+    width = GROUP * W
     first_r = (pid // width) * GROUP
     group_size = tl.minimum(R - first_r, GROUP)
     r = first_r + (pid % width) % group_size
     c = (pid % width) // group_size
-    upper = c < Tp - r
-    bi = tl.where(upper, r, Tp - 1 - r)
-    bj = tl.where(upper, r + c, c - 1)
-    # (block Tp-1 lies past n when T is odd: its rows are masked like any edge)
+    w_upper = Tc - rb0 - r
+    upper = c < w_upper
+    bi = tl.where(upper, rb0 + r, rb0 + Kp - 1 - r)
+    bj = tl.where(upper, rb0 + r + c, rb0 + Kp - 1 - r + c - w_upper)
+    # (with K odd, block rb0+Kp-1 lies past the band: past n, or another rank's rows; masked
+    # by row_hi like any edge)
 
     offs_m = bi * BLOCK + tl.arange(0, BLOCK)
     offs_n = bj * BLOCK + tl.arange(0, BLOCK)
@@ -82,8 +88,8 @@ def _uniformity_kernel(
     ci = tl.load(rowc_ptr + rm)
     cj = tl.load(rowc_ptr + rn)
     e = tl.minimum(acc * coef + ci[:, None] + cj[None, :], 0.0)
-    # strict i < j (for bi < bj every pair qualifies) and j < n (which implies i < n)
-    valid = (offs_m[:, None] < offs_n[None, :]) & (offs_n[None, :] < n)
+    # strict i < j (for bi < bj every pair qualifies), j < n (which implies i < n), i in the band
+    valid = (offs_m[:, None] < offs_n[None, :]) & (offs_n[None, :] < n) & (offs_m[:, None] < row_hi)
     e = tl.where(valid, e, -float("inf"))
     if SHIFT:
         m = tl.max(tl.max(e, axis=1), axis=0)
@@ -159,21 +165,48 @@ def uniformity_triton(
     anything else. Defaults target H100/H200 (bf16 128x128x64 tiles, 8 warps, 3 stages); tests
     pass small tiles (>= 16, tl.dot's minimum) so the interpreter finishes in seconds.
     """
+    log2_sum = uniformity_log2sum_triton(x, t, None, block=block, block_k=block_k, group=group,
+                                         num_warps=num_warps, num_stages=num_stages)
+    return torch.tensor(finish_uniformity(log2_sum, x.shape[0]), dtype=torch.float32, device=x.device)
+
+
+def uniformity_log2sum_triton(
+    x: torch.Tensor,
+    t: float = 2.0,
+    rows: tuple[int, int] | None = None,
+    *,
+    block: int = 128,
+    block_k: int = 64,
+    group: int = 8,
+    num_warps: int = 8,
+    num_stages: int = 3,
+) -> float:
+    """log2 of the pair sum over i < j with r0 <= i < r1 (rows = (r0, r1), default all rows), as
+    torch_ops.uniformity_log2sum_torch; -inf for a band without pairs. r0 must be a multiple of
+    `block` (the band is whole row blocks; r1 too, unless it is n)."""
     check_uniformity_args(x, t)
     n, l = x.shape
+    r0, r1 = rows or (0, n)
+    if not 0 <= r0 <= r1 <= n or r0 % block or (r1 % block and r1 != n):
+        raise ValueError(f"uniformity rows {rows}: a range of the {n} rows in whole blocks of {block}")
+    if r1 == r0:
+        return float("-inf")
     dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     l_pad = max(-(-l // block_k), 1) * block_k
+    # rows before r0 are in no pair of the band: zeros there, never read
     xh = torch.zeros(n, l_pad, dtype=dtype, device=x.device)
-    _, sq = normalized_rows(x, dtype, out=xh[:, :l])
-    rowc = sq.mul_(-t * LOG2E)
+    rowc = torch.zeros(n, dtype=torch.float32, device=x.device)
+    rowc[r0:] = normalized_rows(x[r0:], dtype, out=xh[r0:, :l])[1].mul_(-t * LOG2E)
     T = -(-n // block)
-    Tp = T + (T & 1)
-    grid = Tp * (Tp + 1) // 2
+    rb0, K = r0 // block, -(-r1 // block) - r0 // block
+    Kp = K + (K & 1)
+    Tc = max(T, rb0 + Kp)
+    grid = Kp // 2 * (2 * (Tc - rb0) - Kp + 1)
     shift = t > SHIFT_FREE_MAX_T
     part_s = torch.empty(grid, dtype=torch.float32, device=x.device)
     part_m = torch.empty(grid if shift else 1, dtype=torch.float32, device=x.device)
     jit(_uniformity_kernel)[(grid,)](
-        xh, rowc, part_s, part_m, n, l_pad, xh.stride(0), 2.0 * t * LOG2E, Tp,
+        xh, rowc, part_s, part_m, n, l_pad, xh.stride(0), 2.0 * t * LOG2E, rb0, Kp, Tc, r1,
         BLOCK=block, BLOCK_K=block_k, GROUP=group, SHIFT=shift,
         DOT_F32=(interpreting() and dtype == torch.bfloat16),
         PRECISION="tf32x3" if dtype == torch.float32 else "tf32",
@@ -186,7 +219,7 @@ def uniformity_triton(
     if shift:
         m = part_m.double()
         top = m.max()
-        log2_sum = top + torch.log2((s * torch.exp2(m - top)).sum())
-    else:
-        log2_sum = torch.log2(s.sum())
-    return torch.tensor(finish_uniformity(log2_sum, n), dtype=torch.float32, device=x.device)
+        if top == float("-inf"):  # no pairs in any tile (a band of the last row)
+            return float("-inf")
+        return float(top + torch.log2((s * torch.exp2(m - top)).sum()))
+    return float(torch.log2(s.sum()))

@@ -10,8 +10,10 @@ tests run compiled on the GPU; tests marked `gpu` add bigger shapes and skip wit
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,9 +27,11 @@ import torch.nn.functional as F  # noqa: E402
 
 import coopt_fast.kernels as K  # noqa: E402
 from coopt_fast.kernels.align_apply_triton import align_apply_triton  # noqa: E402
-from coopt_fast.kernels.reference import align_apply_ref, uniformity_ref  # noqa: E402
-from coopt_fast.kernels.torch_ops import align_apply_torch, uniformity_torch  # noqa: E402
-from coopt_fast.kernels.uniformity_triton import interpreting, uniformity_triton  # noqa: E402
+from coopt_fast.kernels.reference import align_apply_ref, uniformity_ref, uniformity_tiled_ref  # noqa: E402
+from coopt_fast.kernels.torch_ops import (align_apply_torch, finish_uniformity,  # noqa: E402
+                                          uniformity_log2sum_torch, uniformity_torch)
+from coopt_fast.kernels.uniformity_triton import (interpreting, uniformity_log2sum_triton,  # noqa: E402
+                                                  uniformity_triton)
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # where the Triton kernels can run in this session: compiled on CUDA, or interpreted on the CPU
@@ -196,6 +200,119 @@ def test_uniformity_fallback_matches_reference(n, l, dtype, block, block_cols):
     assert_close(got, uniformity_ref(x), 2e-5, 2e-6, f"fallback vs reference {n}x{l} {dtype}")
 
 
+# ------------------------------------------- uniformity in row bands: what each rank computes
+
+def _banded(log2sum, x, t, bands):
+    return finish_uniformity(K.combine_log2([log2sum(x, t, b) for b in bands]), x.shape[0])
+
+
+BAND_IMPLS = [  # (log2sum, whole, bands): irregular bands; the torch path's last one has no pairs
+    pytest.param(lambda x, t, b: uniformity_log2sum_torch(x, t, b, block=16, block_cols=40), _fallback,
+                 [(0, 13), (13, 64), (64, 100), (100, 101)], id="torch"),
+    # whole 16-row blocks; (16, 64) has 3 blocks: the fold pads a 4th, rows 64-79, which are the
+    # next band's and must be masked; (96, 101) pads one past n
+    pytest.param(lambda x, t, b: uniformity_log2sum_triton(x.to(KDEV), t, b, **SMALL_U), _kernel,
+                 [(0, 16), (16, 64), (64, 96), (96, 101)], id="triton", marks=needs_triton),
+]
+
+
+@pytest.mark.parametrize("log2sum, whole, bands", BAND_IMPLS)
+@pytest.mark.parametrize("t", [2.0, 1000.0])
+def test_uniformity_bands_add_up_to_the_whole(log2sum, whole, bands, t):
+    """The bands' log2 sums, combined as a log-sum-exp, are U over all pairs. At t = 1000 every
+    band's plain fp32 sum would underflow; combined from log2 pieces U stays finite and matches fp64."""
+    torch.manual_seed(4)
+    x = torch.randn(101, 29) + 0.2
+    got = _banded(log2sum, x, t, bands)
+    assert_close(got, whole(x, t), 1e-5, 1e-6, f"bands {bands} vs one pass, t={t}")
+    assert_close(got, uniformity_f64(F.normalize(x, dim=1), t), 1e-3 if t > 20 else 2e-6, 1e-6, f"bands vs fp64, t={t}")
+    assert log2sum(x, t, (32, 32)) == -math.inf  # an empty band (a rank with no rows) weighs nothing
+
+
+def test_uniformity_band_arguments():
+    x = torch.randn(40, 3)
+    assert uniformity_log2sum_torch(x, 2.0, (39, 40)) == -math.inf  # the last row pairs with nobody
+    with pytest.raises(ValueError, match="not a range"):
+        uniformity_log2sum_torch(x, 2.0, (10, 41))
+    with pytest.raises(ValueError, match="whole blocks of 16"):
+        uniformity_log2sum_triton(x, 2.0, (8, 40), block=16)  # checked before triton is needed
+    assert K.combine_log2([-math.inf, -math.inf]) == -math.inf
+    assert math.isnan(K.combine_log2([1.0, float("nan")]))
+
+
+@pytest.mark.parametrize("n, parts, unit", [(300, 2, 128), (1000, 3, 16), (100_000, 8, 128), (50, 4, 128)])
+def test_row_bands_cover_every_row_with_equal_pairs(n, parts, unit):
+    bands = K.row_bands(n, parts, unit)
+    assert len(bands) == parts and bands[0][0] == 0 and bands[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bands, bands[1:])) and all(r0 <= r1 for r0, r1 in bands)
+    assert all(r0 % unit == 0 for r0, _ in bands)
+    pairs = [r1 * (n - 1) - r1 * (r1 - 1) // 2 - (r0 * (n - 1) - r0 * (r0 - 1) // 2) for r0, r1 in bands]
+    assert sum(pairs) == n * (n - 1) // 2
+    # each cut is within unit/2 rows of its ideal place and a row holds < n pairs: a band is
+    # within unit * n pairs of an equal share (100,000 rows on 8 ranks: +-2% of a share)
+    assert max(abs(p - n * (n - 1) / 2 / parts) for p in pairs) <= unit * n, (bands, pairs)
+    if n == 300:
+        assert bands == [(0, 128), (128, 300)]  # the 2-rank test's uneven split (ideal cut: row 88)
+
+
+def test_uniformity_sharded_without_a_group_is_uniformity():
+    x = torch.randn(90, 11)
+    assert torch.equal(K.uniformity_sharded(x, 2.0, None), K.uniformity(x, 2.0))
+
+
+SHARDED_SCRIPT = """
+import json, sys
+import torch
+from coopt_fast import distributed
+from coopt_fast.kernels import row_bands, uniformity_log2sum, uniformity_sharded
+
+w = distributed.world()
+torch.manual_seed(5)
+x = torch.randn(300, 37) + 0.2  # every rank builds the same rows
+with distributed.process_group(torch.device("cpu"), w):
+    g = distributed.coord_group()
+    band = row_bands(300, w.size)[w.rank]
+    out = {"band": band, "part": uniformity_log2sum(x, 2.0, band),
+           "u": {t: float(uniformity_sharded(x, t, g)) for t in (2.0, 1000.0)}}
+with open(f"{sys.argv[1]}/rank{w.rank}.json", "w") as f:
+    json.dump(out, f)
+"""
+
+
+def test_uniformity_sharded_two_gloo_ranks_equal_one_process(tmp_path):
+    """torchrun, 2 gloo ranks, 300 rows split unevenly (128 / 172 rows, ~equal pairs): every rank
+    gets the same bits, equal to one process within 2e-6 + 1e-6 relative at t = 2 (fp32 tiles cut
+    elsewhere, 1 thread vs 2, another fp64 combine order; measured: equal in fp32) and 1e-4 + 1e-6
+    relative at t = 1000 (U = -742.8: each band's fp32 sum would underflow, so this checks the
+    log-sum-exp across ranks)."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    (tmp_path / "s.py").write_text(SHARDED_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", COOPT_KERNELS="torch")
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(tmp_path / "s.py"), str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    assert [tuple(o["band"]) for o in ranks] == [(0, 128), (128, 300)]
+    assert ranks[0]["u"] == ranks[1]["u"], "ranks disagree"
+    torch.manual_seed(5)
+    x = torch.randn(300, 37) + 0.2
+    parts = [uniformity_log2sum_torch(x, 2.0, tuple(o["band"])) for o in ranks]
+    # each rank summed its own band (fp32 tile sums: 1 thread there, 2 here)
+    assert [o["part"] for o in ranks] == pytest.approx(parts, rel=1e-6) and abs(parts[0] - parts[1]) > 0.1
+    for t, tol in (("2.0", 2e-6), ("1000.0", 1e-4)):
+        print(f"t={t}: 2 ranks {ranks[0]['u'][t]!r}, 1 process {K.uniformity(x, float(t)).item()!r}")
+        assert_close(ranks[0]["u"][t], K.uniformity(x, float(t)), tol, 1e-6, f"2 ranks vs 1 process, t={t}")
+        assert math.isfinite(ranks[0]["u"][t])
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-3)])
+def test_tiled_baseline_is_right(dtype, atol):
+    """bench_uniformity's competent baseline must compute U, or its timings compare nothing."""
+    torch.manual_seed(6)
+    x = (torch.randn(301, 40) + 0.2).to(dtype)
+    assert_close(uniformity_tiled_ref(x, 2.0, block=64, block_cols=100), uniformity_ref(x), atol, 1e-5, f"tiled {dtype}")
+
+
 # ---------------------------------------------------------------------------------- dispatcher
 
 def test_dispatcher_auto_and_torch_use_the_fallback_on_cpu(monkeypatch):
@@ -276,10 +393,10 @@ def _check_align(got, ref, out_dtype, atol, rtol, what):
     assert_close(ss, ssr.cpu(), 10 * atol * rows, 10 * rtol, f"{what} sumsqs vs reference")
 
 
-ALIGN_DTYPES = [  # (features, targets, atol, rtol): fp16 maps (kernel) + fp16/bf16 output rounding
+ALIGN_DTYPES = [  # (features, targets, atol, rtol): fp16/bf16 output rounding (maps: hi + lo halves)
     (torch.float16, torch.float16, 4e-3, 2e-3),
     (torch.bfloat16, torch.bfloat16, 3e-2, 1.6e-2),
-    (torch.float16, torch.float32, 4e-3, 2e-3),
+    (torch.float16, torch.float32, 2e-5, 2e-5),  # fp16 features are exact and the map is split: ~fp32
     (torch.float32, torch.float32, 1e-3, 1e-3),  # tf32x3 on GPU, exact fp32 under the interpreter
 ]
 
@@ -304,9 +421,28 @@ def test_align_kernel_strided_features_and_big_maps(kdev):
     wide = torch.randn(30, 50).half()
     xs = [wide[:, :21], torch.randn(19, 7).half()]
     maps = [torch.randn(21, 18), torch.randn(7, 18)]
-    maps[1][0, 0] = 1e5  # beyond fp16: the kernel must switch to fp32 maps, not produce inf
+    maps[1][0, 0] = 1e5  # beyond fp16: the map's scale brings it in range, no inf
     got = align_apply_triton([x.to(kdev) for x in xs], [m.to(kdev) for m in maps], torch.float32, **SMALL_A)
-    _check_align(got, align_apply_ref(xs, maps, torch.float32), torch.float32, 1e-2, 2e-3, "strided / fp32 map")
+    _check_align(got, align_apply_ref(xs, maps, torch.float32), torch.float32, 1e-2, 2e-5, "strided / big map")
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e-6, 1e4])
+def test_align_kernel_fitted_map_that_cancels(kdev, scale):
+    """A map like a least-squares fit: large entries whose products cancel (sum_k |x_k m_kj| ~100x
+    |y_j|). Rounding the map to fp16 once moved such targets by ~6% of a row's largest value (a
+    256-dim convnet's fit); its hi + lo halves keep them within fp16 output rounding of the fp64
+    product, at any overall scale (1e-6: below fp16's normal range; 1e4: near its top)."""
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(90, 64, generator=g) * 0.01 + 0.08).half()  # features share an offset ...
+    base = torch.randn(64, 24, generator=g) * 30
+    m = (base - base.mean(0)) * scale  # ... that the map's zero column sums cancel
+    exact = x.double() @ m.double()
+    assert ((x.double().abs() @ m.double().abs()) / exact.abs()).median() > 20, "the map does not cancel"
+    # fp16 targets only at scale 1: at 1e-6 they are fp16 subnormals whatever the kernel does
+    for odt, tol in ((torch.float32, 2e-5),) + (((torch.float16, 1.2e-3),) if scale == 1.0 else ()):
+        y = align_apply_triton([x.to(kdev)], [m.to(kdev)], odt, **SMALL_A)[0][0].cpu().double()
+        err = ((y - exact).abs() / exact.abs().amax(1, keepdim=True)).max().item()
+        assert err < tol, f"scale {scale}, {odt}: error {err:.2e} of the row max (limit {tol})"
 
 
 def test_align_dispatcher_and_determinism(kdev):
@@ -359,15 +495,18 @@ u = ptx(K._uniformity_mod._uniformity_kernel,
         {"BLOCK": 128, "BLOCK_K": 64, "GROUP": 8, "SHIFT": False, "DOT_F32": False, "PRECISION": "tf32"},
         ("x_ptr", "rowc_ptr", "part_s_ptr", "part_m_ptr", "l_pad", "stride_x"))
 a = ptx(K._align_mod._align_kernel,
-        {"tab_ptr": "*i64", "tiles_ptr": "*i64", "w_ptr": "*fp16", "y_ptr": "*fp16", "psum_ptr": f32, "psq_ptr": f32},
+        {"tab_ptr": "*i64", "tiles_ptr": "*i64", "w_ptr": "*fp16", "wlo_ptr": "*fp16", "inv_ptr": f32,
+         "y_ptr": "*fp16", "psum_ptr": f32, "psq_ptr": f32},
         {"NTAB": 6, "X_DTYPE": tl.float16, "BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "DOT_F32": False,
-         "PRECISION": "tf32", "ALIGN": 8},
-        ("tab_ptr", "tiles_ptr", "w_ptr", "y_ptr", "psum_ptr", "psq_ptr", "n", "stride_w", "stride_y"))
+         "PRECISION": "tf32", "ALIGN": 8, "SPLIT": True},
+        ("tab_ptr", "tiles_ptr", "w_ptr", "wlo_ptr", "inv_ptr", "y_ptr", "psum_ptr", "psq_ptr", "n", "stride_w",
+         "stride_y"))
 for name, (code, shared) in (("uniformity", u), ("align_apply", a)):
     assert "wgmma.mma_async" in code, name + ": no Hopper tensor-core MMA"
     assert "cp.async.cg.shared.global" in code, name + ": no 16-byte async copies"
     assert "ld.global.b16" not in code, name + ": 2-byte global loads (lost alignment facts)"
     assert shared >= 3 * 32768, name + ": the 3-stage pipeline is gone (shared %d)" % shared
+    print(name, "shared memory", shared)
 print("ok")
 """
 
