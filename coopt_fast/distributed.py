@@ -43,6 +43,11 @@ class World:
     def multi(self) -> bool:
         return self.size > 1
 
+    def share(self, n: int) -> slice:
+        """This rank's contiguous share of the n rows of a global batch. The shares of ranks
+        0..size-1 are the n rows in order, for any n: the union is the one-process batch."""
+        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
 
 def world() -> World:
     """This process's place in a torchrun world (rank 0 of 1 outside torchrun)."""
@@ -118,3 +123,34 @@ def _wait(group) -> None:
 def coord_group():
     """The gloo group for small CPU-tensor collectives (None in one process)."""
     return _coord
+
+
+def active() -> bool:
+    """Whether a multi-rank process group is up (process_group entered under torchrun)."""
+    return _coord is not None
+
+
+def from_rank0(value: float) -> float:
+    """Rank 0's `value` on every rank (over gloo); the value itself in one process. For decisions
+    read from a clock (a time budget, a time-based schedule): each rank's own clock would stop
+    ranks at different steps, and a rank that stopped leaves the others in the next all-reduce."""
+    if _coord is None:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(t, src=0, group=_coord)
+    return float(t.item())
+
+
+def mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over the ranks, on t's device (NCCL or gloo); `t` itself in one process.
+    Each rank gets the same value (what rank 0 logs is the global mean, and every rank's check
+    of it agrees)."""
+    if _coord is None:
+        return t
+    import torch.distributed as dist
+
+    t = t.detach().clone()
+    dist.all_reduce(t)  # SUM: gloo has no AVG
+    return t / dist.get_world_size()

@@ -10,6 +10,10 @@ Order: epoch e visits the rows in `epoch_permutation(N', seed, e)`, a torch.rand
 generator seeded by (seed, e): every row exactly once per epoch, the same on every machine,
 and nothing to save for resume but the epoch and the batch position.
 
+Under torchrun (`world`): batch_size is the global batch; each rank gets its contiguous share
+(World.share) of every global batch of that one order, so the ranks' shares of batch b are the
+single process's batch b, and the order, hence --resume, does not depend on the world size.
+
 Where a batch goes (`device`, `resident`):
   cpu            each field is gathered into fresh memory (the batch is the caller's to keep).
   cuda           staged: two pinned host buffers per field, reused. Batch b+1 is gathered into
@@ -34,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import Dataset, load_dataset
+from .distributed import World
 from .errors import CooptError
 from . import codec
 from .store import memmap_dataset, merged_meta, open_complete
@@ -87,11 +92,12 @@ class StoreLoader:
     from bfloat16/int8/int8-dim stores), index (int64), participant (int16).
     len() is the number of batches; call set_epoch(e) before iterating epoch e.
     device: where batches land; resident: keep the whole store on that device (see module doc).
+    world: under torchrun, batches are this rank's shares of global batches of batch_size rows.
     """
 
     def __init__(self, path, batch_size: int, *, fields=("images", "targets"), shuffle: bool = True,
                  seed: int = 0, drop_last: bool = False, device="cpu", image_size: int | None = None,
-                 resident: bool | None = None):
+                 resident: bool | None = None, world: World | None = None):
         self.path = resolve_store(path)
         if batch_size < 1:
             raise CooptError(f"batch size must be >= 1, got {batch_size}")
@@ -101,6 +107,7 @@ class StoreLoader:
         self.batch_size, self.fields, self.shuffle, self.seed = batch_size, tuple(fields), shuffle, seed
         self.drop_last, self.device, self.image_size = drop_last, torch.device(device), image_size
         self.epoch, self.start_batch = 0, 0
+        self.world = world or World()
         self.arrays: dict[str, np.ndarray] = {}  # memmapped fields, plus int8's per-row target_scale
         self.dataset: Dataset | None = None  # set when images come from the original files
         with open_complete(self.path, "merged store") as f:
@@ -237,7 +244,8 @@ class StoreLoader:
         return self._iter_host()
 
     def _rows(self, order, b: int):
-        return order[b * self.batch_size : (b + 1) * self.batch_size]
+        rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+        return rows[self.world.share(len(rows))] if self.world.multi else rows
 
     def _folder_images(self, rows: np.ndarray) -> torch.Tensor:
         return read_images(self.dataset, self.arrays["index"][rows], self.image_size)
