@@ -15,7 +15,8 @@ def pretrain(
     arch: str = typer.Option(_D.arch, "--arch", metavar="ARCH", help="convnet or a torchvision classifier (resnet18, ...)"),
     epochs: int = typer.Option(_D.epochs, "--epochs", metavar="N"),
     out: str = o.out("backbone checkpoint to write (.pt or .safetensors)"),
-    batch_size: int = o.batch_size(_D.batch_size),
+    batch_size: int = o.batch_size(_D.batch_size, "samples per step; under torchrun the global batch, split "
+                                   "evenly over the ranks"),
     lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="AdamW peak learning rate (warmup, then cosine)"),
     wd: float = typer.Option(None, "--wd", metavar="WD", help="weight decay (default: 0.01 supervised, 1e-4 byol/simclr)"),
     labeled_fraction: float = typer.Option(_D.labeled_fraction, "--labeled-fraction", metavar="F",
@@ -41,11 +42,13 @@ def pretrain(
     with OUT.state.pt for --resume and OUT.log.jsonl (loss, seconds, samples/s per epoch).
     """
     from coopt_fast.ssl import pretrain as run_pretrain  # imports torch: only when the command runs
+    from coopt_fast.distributed import world
 
     s = run_pretrain(dataset, method, arch, epochs, out, batch_size=batch_size, lr=lr, wd=wd,
                      labeled_fraction=labeled_fraction, seed=seed, limit=limit, input_size=input_size,
                      max_seconds=max_seconds, max_steps=max_steps, resume=resume, force=force, device=device,
                      compile=compile, snapshots=snapshots, progress=not quiet)
-    emit(s, json_out, kv_table(f"pretrain {method} {arch}", s, (
-        "checkpoint", "samples", "input_size", "device", "epochs", "steps", "stopped", "resumed", "loss", "seconds",
-        "samples_per_s")))
+    if world().main:  # torchrun: one summary, rank 0's
+        emit(s, json_out, kv_table(f"pretrain {method} {arch}", s, (
+            "checkpoint", "samples", "input_size", "device", "epochs", "steps", "stopped", "resumed", "world_size",
+            "loss", "seconds", "samples_per_s")))

@@ -24,7 +24,8 @@ def train(
     student: str = typer.Option(_D.student, "--student", metavar="ARCH", help="convnet, linear (trivial, for measuring) or a torchvision classifier (resnet18, ...)"),
     epochs: int = typer.Option(_D.epochs, "--epochs", metavar="N"),
     out: str = o.out("output folder: student.pt, state.pt, train.jsonl, curve.png"),
-    batch_size: int = o.batch_size(_D.batch_size),
+    batch_size: int = o.batch_size(_D.batch_size, "samples per step; under torchrun the global batch, split "
+                                   "evenly over the ranks"),
     lr: float = typer.Option(_D.lr, "--lr", metavar="LR", help="AdamW peak learning rate (warmup, then cosine)"),
     wd: float = typer.Option(_D.wd, "--wd", metavar="WD", help="AdamW weight decay (not on norms and biases)"),
     seed: int = o.seed("the student's initialisation (backbone and head), the data order and the augmentations", _D.seed),
@@ -51,10 +52,13 @@ def train(
     for --resume (bitwise-exact on the CPU), OUT/train.jsonl and OUT/curve.png.
     """
     from coopt_fast.student import train as run_train  # imports torch: only when the command runs
+    from coopt_fast.distributed import world
 
     s = run_train(run, student, epochs, out, batch_size=batch_size, lr=lr, wd=wd, seed=seed, input_size=input_size,
                   max_seconds=max_seconds, max_steps=max_steps, resume=resume, force=force, device=device, compile=compile,
                   resident=parse_resident(store_on_device), snapshots=snapshots, progress=not quiet)
-    emit(s, json_out, kv_table(f"train {student}", s, (
-        "checkpoint", "rows", "target_dim", "input_size", "device", "compiled", "epochs", "steps", "stopped",
-        "store_on_device", "resumed", "trained_now", "loss", "seconds", "train_seconds", "samples_per_s")))
+    if world().main:  # torchrun: one summary, rank 0's
+        emit(s, json_out, kv_table(f"train {student}", s, (
+            "checkpoint", "rows", "target_dim", "input_size", "device", "compiled", "epochs", "steps", "stopped",
+            "store_on_device", "resumed", "trained_now", "world_size", "loss", "seconds", "train_seconds",
+            "samples_per_s")))

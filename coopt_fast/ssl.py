@@ -23,6 +23,12 @@ Output: OUT is the backbone checkpoint (save_checkpoint, meta: arch, input_size,
 method, epochs, data, seed, ...), usable as `extract --prior ARCH:OUT` and by `probe`.
 OUT.state.pt holds what --resume needs; OUT.log.jsonl one line per epoch. The loop, device
 handling, budgets and bitwise-exact resume are training.py's (fit).
+
+Under torchrun: DDP over the online network (BYOL's EMA target needs no gradient; each rank
+updates it from the same synchronised weights with the same tau, so it stays equal), each
+rank takes its share of every global batch, only rank 0 writes. SimCLR gathers every rank's
+projections (with their gradients) so that a view's negatives are the whole global batch, as
+in one process, not just its rank's share.
 """
 from __future__ import annotations
 
@@ -38,14 +44,15 @@ import torch.nn.functional as F
 
 from . import augment
 from .data import Dataset, load_dataset
+from .distributed import World, barrier, process_group, rank_device, world
 from .configs import PretrainConfig  # noqa: F401 (defined apart: the CLI reads its defaults without torch)
 from .errors import CooptError
 from .loader import epoch_permutation, read_images
 from .priors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, build_backbone, save_checkpoint
 from .store import VERSION
-from .training import (FitOptions, autocast, check_budget, check_out, clear_out, default_input_size, default_norm,
-                       fit, last_loss, lr_factor, maybe_compile, param_groups, resolve_device, resume, rng_state,
-                       save_state, write_log)
+from .training import (FitOptions, autocast, check_budget, check_out, check_world, clear_out, default_input_size,
+                       default_norm, fit, last_loss, lr_factor, maybe_compile, param_groups, resolve_device, resume,
+                       rng_state, save_state, wrap_ddp, write_log)
 
 METHODS = ("supervised", "byol", "simclr")
 
@@ -70,6 +77,25 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> tor
     return F.cross_entropy(sim, target)
 
 
+def nt_xent_gathered(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """nt_xent under torchrun, for this rank's share (z1, z2: [b, d]) of a global batch of B = b x
+    world views per side: every rank's projections are gathered (autograd's all_gather sends each
+    view's gradient back to the rank that made it), this rank's 2b views are the anchors, the
+    other 2B - 1 the candidates. Averaged over ranks (DDP) it is nt_xent of the global batch."""
+    import torch.distributed as dist
+    from torch.distributed.nn.functional import all_gather
+
+    b, r = z1.shape[0], dist.get_rank()
+    n = b * dist.get_world_size()  # ranks hold equal, contiguous shares (World.share, check_world)
+    z = F.normalize(torch.cat([*all_gather(z1), *all_gather(z2)]).float(), dim=1)  # the one-process layout
+    own = torch.arange(r * b, (r + 1) * b, device=z.device)
+    mine = torch.cat([own, own + n])  # this rank's views among the 2n
+    sim = z[mine] @ z.T / temperature
+    self_mask = torch.zeros_like(sim, dtype=torch.bool).scatter_(1, mine[:, None], True)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    return F.cross_entropy(sim, (mine + n) % (2 * n))
+
+
 def snapshot_path(out: Path, k: int) -> Path:
     """OUT = prior.safetensors -> prior.snap3.safetensors (same format as OUT)."""
     return out.with_name(f"{out.stem}.snap{k}{out.suffix}")
@@ -85,13 +111,14 @@ class Supervised(nn.Module):
 
 
 class SimCLR(nn.Module):
-    def __init__(self, backbone, dim, hidden=2048, out=256, temperature=0.2):
+    def __init__(self, backbone, dim, hidden=2048, out=256, temperature=0.2, gather=False):
         super().__init__()
         self.backbone, self.projector, self.temperature = backbone, mlp(dim, hidden, out), temperature
+        self.gather = gather  # torchrun: negatives from every rank (nt_xent_gathered)
 
     def forward(self, v1, v2):
         z = self.projector(self.backbone(torch.cat([v1, v2])))
-        return nt_xent(*z.chunk(2), self.temperature)
+        return (nt_xent_gathered if self.gather else nt_xent)(*z.chunk(2), self.temperature)
 
 
 class BYOL(nn.Module):
@@ -123,32 +150,44 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
              **kwargs) -> dict:
     """Pretrain a backbone with `method` on `dataset`; returns a summary (see PretrainConfig)."""
     cfg = PretrainConfig(dataset=dataset, method=method, arch=arch, epochs=epochs, out=str(out), **kwargs)
-    _check(cfg)
-    job = _build(cfg)
+    w = world()
+    _check(cfg, w)
+    dev = rank_device(resolve_device(cfg.device), w)
+    with process_group(dev, w):
+        job = _build(cfg, dev, w)
+        loop = _start(job)
+        resumed = loop is not None
+        job.model.train()
+        opts = FitOptions(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=job.steps_per_epoch,
+                          batch_size=job.bs, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps,
+                          progress=cfg.progress and w.main, snapshots=cfg.snapshots, world_size=w.size)
+        loop = fit(opts, functools.partial(_batches, job), functools.partial(_step, job),
+                   functools.partial(_save, job), loop, functools.partial(_snapshot, job))
+        if w.main and not job.out.exists():
+            _save(job, loop)
+        return _summary(job, loop, resumed)
+
+
+def _start(job: _Job) -> dict | None:
+    """Rank 0 prepares OUT's folder (--force: the old run's files go first); then every rank loads
+    the same resume state. The saved loop, or None."""
     out = job.out
-    if cfg.force:
-        clear_out([out, job.state_path, job.log_path, *out.parent.glob(f"{out.stem}.snap*{out.suffix}")])
-    loop = resume(job.state_path, job.identity, job.model, job.opt, job.gen) if cfg.resume else None
-    resumed = loop is not None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    job.model.train()
-    opts = FitOptions(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=job.steps_per_epoch,
-                      batch_size=job.bs, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps,
-                      progress=cfg.progress, snapshots=cfg.snapshots)
-    loop = fit(opts, functools.partial(_batches, job), functools.partial(_step, job),
-               functools.partial(_save, job), loop, functools.partial(_snapshot, job))
-    if not out.exists():
-        _save(job, loop)
-    return _summary(job, loop, resumed)
+    if job.world.main:
+        if job.cfg.force:
+            clear_out([out, job.state_path, job.log_path, *out.parent.glob(f"{out.stem}.snap*{out.suffix}")])
+        out.parent.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return resume(job.state_path, job.identity, job.model, job.opt, job.gen) if job.cfg.resume else None
 
 
-def _check(cfg: PretrainConfig) -> None:
+def _check(cfg: PretrainConfig, w: World) -> None:
     """Bad options, and an OUT that holds a run without --resume or --force, are refused before any work."""
     if cfg.method not in METHODS:
         raise CooptError(f"unknown method {cfg.method!r} (use {', '.join(METHODS)})")
     check_budget(cfg)
     if cfg.epochs < 1 or cfg.batch_size < 2 or cfg.lr <= 0:
         raise CooptError("epochs must be >= 1, batch size >= 2 and lr > 0")
+    check_world(cfg.batch_size, w)
     if not 0 < cfg.labeled_fraction <= 1:
         raise CooptError(f"--labeled-fraction must be in (0, 1], got {cfg.labeled_fraction}")
     if cfg.labeled_fraction != 1 and cfg.method != "supervised":
@@ -164,14 +203,16 @@ class _Job:
     """One pretrain call, resolved once: the data, the model and its optimiser, what the outputs record."""
     cfg: PretrainConfig
     dev: torch.device
+    world: World
     ds: Dataset
     pool: torch.Tensor          # the rows trained on (supervised: the labelled fraction), sorted
     labels: torch.Tensor | None  # supervised only
     size: int                   # input side, px
     norm: tuple                 # the images' (mean, std)
-    bs: int                     # batch size: at most the pool
+    bs: int                     # (global) batch size: at most the pool
+    part: augment.Part | None   # torchrun: this rank's share of each batch
     model: nn.Module
-    loss_fn: nn.Module          # the model, compiled on CUDA; returns the loss
+    loss_fn: nn.Module          # the model, DDP under torchrun, compiled on CUDA; returns the loss
     opt: torch.optim.Optimizer
     gen: torch.Generator        # the augmentation's draws; OUT.state.pt saves it
     views: tuple                # byol, simclr: the two views' augment.ViewConfig
@@ -195,9 +236,8 @@ class _Job:
         return len(self.pool) // self.bs  # drop_last: BatchNorm and static shapes want full batches
 
 
-def _build(cfg: PretrainConfig) -> _Job:
+def _build(cfg: PretrainConfig, dev: torch.device, w: World) -> _Job:
     wd = cfg.wd if cfg.wd is not None else (0.01 if cfg.method == "supervised" else 1e-4)
-    dev = resolve_device(cfg.device)
     ds = load_dataset(cfg.dataset).subset(cfg.limit)
     size = cfg.input_size or default_input_size(cfg.arch, ds.shape)
     if not MIN_INPUT_SIZE <= size <= MAX_INPUT_SIZE:  # the checkpoint must be one extract and probe accept
@@ -205,11 +245,13 @@ def _build(cfg: PretrainConfig) -> _Job:
     mean, std = default_norm(cfg.arch)
     pool, labels = _pool(cfg, ds)
     bs = min(cfg.batch_size, len(pool))
+    if bs < cfg.batch_size:
+        check_world(bs, w, f"{cfg.dataset}: fewer samples than --batch-size, so the batch is all")
 
-    model = _model(cfg, ds, size).to(dev, memory_format=torch.channels_last)
+    model = _model(cfg, ds, size, w).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups([model], wd), lr=cfg.lr)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
-    loss_fn = maybe_compile(model, dev, cfg.compile)
+    loss_fn = maybe_compile(wrap_ddp(model, dev, w), dev, cfg.compile)
     views = (augment.ViewConfig(), augment.ViewConfig(solarize_p=0.2 if cfg.method == "byol" else 0.0))
 
     identity = {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "limit": cfg.limit, "seed": cfg.seed,
@@ -219,8 +261,10 @@ def _build(cfg: PretrainConfig) -> _Job:
     meta = {"arch": cfg.arch, "input_size": size, "mean": list(mean), "std": list(std), "method": cfg.method,
             "epochs_planned": cfg.epochs, "data": cfg.dataset, "limit": cfg.limit, "seed": cfg.seed,
             "labeled_fraction": cfg.labeled_fraction, "samples": len(pool), "batch_size": bs, "lr": cfg.lr,
-            "wd": wd, "coopt_version": VERSION}
-    return _Job(cfg, dev, ds, pool, labels, size, (mean, std), bs, model, loss_fn, opt, gen, views, identity, meta)
+            "wd": wd, "coopt_version": VERSION, "world_size": w.size}
+    part = augment.Part(bs, w.share(bs)) if w.multi else None
+    return _Job(cfg, dev, w, ds, pool, labels, size, (mean, std), bs, part, model, loss_fn, opt, gen, views, identity,
+                meta)
 
 
 def _pool(cfg: PretrainConfig, ds: Dataset) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -238,7 +282,7 @@ def _pool(cfg: PretrainConfig, ds: Dataset) -> tuple[torch.Tensor, torch.Tensor 
     return pool, labels
 
 
-def _model(cfg: PretrainConfig, ds: Dataset, size: int) -> nn.Module:
+def _model(cfg: PretrainConfig, ds: Dataset, size: int, w: World) -> nn.Module:
     """The method's network around a fresh backbone, every part initialised from the seed."""
     backbone, dim, _ = build_backbone(cfg.arch, size, cfg.seed)
     with torch.random.fork_rng(devices=[]):  # heads from the seed, not from the global RNG
@@ -246,17 +290,18 @@ def _model(cfg: PretrainConfig, ds: Dataset, size: int) -> nn.Module:
         if cfg.method == "supervised":
             model = Supervised(backbone, dim, len(ds.classes) or int(ds.labels.max()) + 1)
         elif cfg.method == "simclr":
-            model = SimCLR(backbone, dim, cfg.proj_hidden or 2048, cfg.proj_dim, cfg.temperature)
+            model = SimCLR(backbone, dim, cfg.proj_hidden or 2048, cfg.proj_dim, cfg.temperature, gather=w.multi)
         else:
             model = BYOL(backbone, dim, cfg.proj_hidden or 4096, cfg.proj_dim, cfg.proj_hidden or 4096)
     return model
 
 
 def _batches(job: _Job, epoch: int, start: int):
-    """The epoch's batches from `start` on, in epoch_permutation order over the pool."""
+    """The epoch's batches from `start` on, in epoch_permutation order over the pool (under
+    torchrun this rank's share of each)."""
     order = job.pool[epoch_permutation(len(job.pool), job.cfg.seed, epoch)]
     for b in range(start, job.steps_per_epoch):
-        idx = order[b * job.bs : (b + 1) * job.bs]
+        idx = order[b * job.bs : (b + 1) * job.bs][job.world.share(job.bs)]
         imgs = read_images(job.ds, idx.numpy(), job.size)  # in-memory: one numpy gather; folders: decode
         yield {"images": imgs.to(job.dev, non_blocking=True),
                "labels": None if job.labels is None else job.labels[idx].to(job.dev)}
@@ -269,9 +314,9 @@ def _step(job: _Job, batch: dict, p: float) -> torch.Tensor:
         gr["lr"] = cfg.lr * lr_factor(p)
     imgs = batch["images"]
     if cfg.method == "supervised":
-        args = (augment.crop_flip(imgs, job.size, job.gen, mean, std), batch["labels"])
+        args = (augment.crop_flip(imgs, job.size, job.gen, mean, std, part=job.part), batch["labels"])
     else:
-        args = tuple(augment.ssl_view(imgs, job.size, job.gen, v, mean, std) for v in job.views)
+        args = tuple(augment.ssl_view(imgs, job.size, job.gen, v, mean, std, part=job.part) for v in job.views)
     args = tuple(a.contiguous(memory_format=torch.channels_last) if a.ndim == 4 else a for a in args)
     with autocast(job.dev):
         loss = job.loss_fn(*args)
@@ -284,18 +329,22 @@ def _step(job: _Job, batch: dict, p: float) -> torch.Tensor:
 
 
 def _save(job: _Job, loop: dict) -> None:
+    if not job.world.main:  # the ranks' states are equal; no collective in here (fit calls it on every rank)
+        return
     # state.pt last: it is the commit point. Interrupted before it, --resume redoes the epoch
     # from the previous state and rewrites the checkpoint and log; after it, all three agree.
     save_checkpoint(job.out, job.model.backbone, {**job.meta, "epochs": loop["epoch"], "steps": loop["step"]})
     write_log(job.log_path, loop["log"])
     save_state(job.state_path, {"identity": job.identity, "model": job.model.state_dict(),
-                                "optimizer": job.opt.state_dict(), "aug_rng": rng_state(job.gen), "loop": loop})
+                                "optimizer": job.opt.state_dict(), "aug_rng": rng_state(job.gen), "loop": loop,
+                                "world_size": job.world.size})
 
 
 def _snapshot(job: _Job, k: int, loop: dict) -> Path:
     path = snapshot_path(job.out, k)
-    save_checkpoint(path, job.model.backbone,
-                    {**job.meta, "snapshot": k, "epochs": loop["epoch"], "steps": loop["step"]})
+    if job.world.main:  # the other ranks only record its path
+        save_checkpoint(path, job.model.backbone,
+                        {**job.meta, "snapshot": k, "epochs": loop["epoch"], "steps": loop["step"]})
     return path
 
 
@@ -303,7 +352,8 @@ def _summary(job: _Job, loop: dict, resumed: bool) -> dict:
     cfg = job.cfg
     return {
         "checkpoint": str(job.out), "state": str(job.state_path), "log": str(job.log_path), "method": cfg.method,
-        "arch": cfg.arch, "input_size": job.size, "device": str(job.dev), "compiled": job.loss_fn is not job.model,
+        "arch": cfg.arch, "input_size": job.size, "device": str(job.dev),
+        "compiled": hasattr(job.loss_fn, "_orig_mod"), "world_size": job.world.size,
         "samples": len(job.pool), "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"],
         "resumed": resumed, "seconds": loop["run_seconds"], "train_seconds": loop["elapsed"],
         "samples_per_s": loop["run_samples"] / max(1e-9, loop["run_seconds"]), "loss": last_loss(loop),

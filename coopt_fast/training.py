@@ -1,6 +1,7 @@
 """The training toolkit shared by student.train, ssl.pretrain and evaluate.probe.
 
   device      resolve_device ('auto', cuda checks, CPU denormals), autocast, maybe_compile
+  torchrun    check_world (the global batch splits over the ranks), wrap_ddp
   options     check_budget (sizes, budgets, seed, lr, wd), default input size and normalisation
   optimiser   param_groups (no decay on norms and biases), lr_factor (warmup + cosine)
   output      check_out / clear_out (--resume, --force), save_state / load_state / resume
@@ -9,6 +10,11 @@
 
 Every random draw comes from a torch.Generator that the state saves, so on the CPU a resumed run
 is bitwise equal to an uninterrupted one.
+
+Under torchrun (distributed.py) the same loop runs on every rank: the batch size is the global
+batch, each rank steps on its share, DDP averages the gradients, and only rank 0 writes. What
+fit must keep equal across ranks it does here: the logged loss is the mean over ranks (so a
+non-finite loss stops every rank), and time-based decisions use rank 0's clock.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 
+from . import distributed
+from .distributed import World
 from .errors import CooptError, disk_guard
 from .priors import (CONVNET_MEAN, CONVNET_STD, DEFAULT_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD, MAX_INPUT_SIZE,
                      MIN_INPUT_SIZE, SMALL_ARCHS)
@@ -65,6 +73,28 @@ def maybe_compile(module: nn.Module, dev: torch.device, compile: bool | None):
     """compile None (the default): torch.compile on CUDA only, since on the CPU Inductor's compile
     time (~1 min for a ResNet-18) exceeds what it saves; True: compile anywhere; False: never."""
     return torch.compile(module) if (dev.type == "cuda" if compile is None else compile) else module
+
+
+# ---- torchrun -------------------------------------------------------------------------------
+
+def check_world(batch: int, w: World, what: str = "--batch-size") -> None:
+    """The global batch must split evenly over the ranks: with equal shares, DDP's average of the
+    ranks' mean gradients is the mean gradient over the global batch."""
+    if batch % w.size:
+        raise CooptError(f"{what} {batch}: the global batch must split evenly over the {w.size} ranks "
+                         f"(WORLD_SIZE); use a multiple of {w.size}")
+
+
+def wrap_ddp(model: nn.Module, dev: torch.device, w: World) -> nn.Module:
+    """DistributedDataParallel under torchrun (the model itself in one process). Parameters that
+    need no gradient (BYOL's EMA target) are left out of the all-reduce; buffers (BatchNorm's
+    running statistics) are rank 0's at each forward. BatchNorm normalises each rank's share on
+    its own (no SyncBatchNorm): see README "Multi-GPU and multi-node"."""
+    if not w.multi:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
 
 # ---- options -------------------------------------------------------------------------------
@@ -233,6 +263,7 @@ class FitOptions:
     progress: bool = True
     sync_every: int = 10               # steps between host syncs (loss .item())
     snapshots: int = 0                 # N backbone copies at evenly spaced points of the schedule
+    world_size: int = 1                # torchrun ranks sharing each batch: recorded in every log row
 
     @property
     def total_steps(self) -> int:
@@ -244,9 +275,20 @@ class _Clock:
     """This call's training time: snapshot saving is moved off it (and so off max_seconds)."""
     elapsed0: float  # training seconds of earlier (resumed) calls
     start: float = field(default_factory=time.perf_counter)
+    agreed: tuple | None = None  # torchrun: (step, rank 0's seconds at that step)
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+    def decided(self, step: int) -> float:
+        """seconds() for the budget and the time-based schedule. Under torchrun rank 0's, read
+        once per step and broadcast: ranks must stop at the same step (else the others wait in
+        the next all-reduce) and anneal the learning rate alike (else their weights part)."""
+        if not distributed.active():
+            return self.seconds()
+        if self.agreed is None or self.agreed[0] != step:
+            self.agreed = (step, distributed.from_rank0(self.seconds()))
+        return self.agreed[1]
 
 
 def _new_part() -> dict:
@@ -316,12 +358,12 @@ def _run_epoch(opts: FitOptions, loop: dict, clock: _Clock, batches: Iterable, s
             take_snapshot(k)
         if opts.max_steps is not None and loop["step"] >= opts.max_steps:
             stopped = "max_steps"
-        elif opts.max_seconds and clock.seconds() >= opts.max_seconds:
+        elif opts.max_seconds and clock.decided(loop["step"]) >= opts.max_seconds:
             stopped = "max_seconds"
         if stopped != "epochs":
             break
     if acc is not None:  # the steps since the last sync
-        _record(loop, acc.item(), window)
+        _record(loop, distributed.mean(acc).item(), window)
     return stopped
 
 
@@ -329,12 +371,12 @@ def _schedule(opts: FitOptions, loop: dict, clock: _Clock) -> float:
     """Training progress: the step fraction, or the time fraction of max_seconds when that is ahead."""
     p = loop["step"] / opts.total_steps
     if opts.max_seconds:
-        p = max(p, clock.seconds() / opts.max_seconds)
+        p = max(p, clock.decided(loop["step"]) / opts.max_seconds)
     return p
 
 
 def _sync(opts: FitOptions, loop: dict, acc: torch.Tensor, window: int, advance) -> None:
-    v = acc.item()  # the only host sync: every sync_every steps
+    v = distributed.mean(acc).item()  # the only host sync: every sync_every steps
     if not math.isfinite(v):
         raise CooptError(f"{opts.what}: loss became {v} at step {loop['step']} (non-finite inputs or "
                          "targets, or a learning rate too high); nothing more was saved")
@@ -356,7 +398,7 @@ def _end_epoch(opts: FitOptions, loop: dict) -> None:
     loop["log"].append({
         "epoch": e + 1, "loss": part["loss"] / max(1, part["steps"]), "seconds": part["seconds"],
         "samples_per_s": part["samples"] / max(1e-9, part["seconds"]), "steps": loop["step"],
-        "lr_factor": lr_factor(min(1.0, loop["step"] / opts.total_steps)),
+        "lr_factor": lr_factor(min(1.0, loop["step"] / opts.total_steps)), "world_size": opts.world_size,
     })
     loop.update(epoch=e + 1, batch=0, part=_new_part())
 
