@@ -154,3 +154,15 @@ def mean(t: torch.Tensor) -> torch.Tensor:
     t = t.detach().clone()
     dist.all_reduce(t)  # SUM: gloo has no AVG
     return t / dist.get_world_size()
+
+
+def every_rank(value: float) -> list[float]:
+    """Each rank's `value`, in rank order, on every rank (over gloo); [value] in one process. For
+    checks that the ranks start from the same place (the same resume state)."""
+    if _coord is None:
+        return [value]
+    import torch.distributed as dist
+
+    out = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, torch.tensor([value], dtype=torch.float64), group=_coord)
+    return [float(t.item()) for t in out]

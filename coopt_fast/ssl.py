@@ -50,9 +50,9 @@ from .errors import CooptError
 from .loader import epoch_permutation, read_images
 from .priors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, build_backbone, save_checkpoint
 from .store import VERSION
-from .training import (FitOptions, autocast, check_budget, check_out, check_world, clear_out, default_input_size,
-                       default_norm, fit, last_loss, lr_factor, maybe_compile, param_groups, resolve_device, resume,
-                       rng_state, save_state, wrap_ddp, write_log)
+from .training import (FitOptions, autocast, check_budget, check_out, check_same_start, check_world, clear_out,
+                       default_input_size, default_norm, fit, last_loss, lr_factor, maybe_compile, param_groups,
+                       resolve_device, resume, rng_state, save_state, wrap_ddp, write_log)
 
 METHODS = ("supervised", "byol", "simclr")
 
@@ -177,7 +177,9 @@ def _start(job: _Job) -> dict | None:
             clear_out([out, job.state_path, job.log_path, *out.parent.glob(f"{out.stem}.snap*{out.suffix}")])
         out.parent.mkdir(parents=True, exist_ok=True)
     barrier()
-    return resume(job.state_path, job.identity, job.model, job.opt, job.gen) if job.cfg.resume else None
+    loop = resume(job.state_path, job.identity, job.model, job.opt, job.gen) if job.cfg.resume else None
+    check_same_start(job.state_path, loop)
+    return loop
 
 
 def _check(cfg: PretrainConfig, w: World) -> None:

@@ -49,9 +49,9 @@ from .errors import CooptError
 from .loader import StoreLoader, resolve_store
 from .priors import build_backbone, save_checkpoint
 from .store import VERSION
-from .training import (FitOptions, autocast, check_budget, check_out, check_world, clear_out, default_input_size,
-                       default_norm, fit, last_loss, lr_factor, maybe_compile, param_groups, plot_curve, resolve_device,
-                       resume, rng_state, save_state, wrap_ddp, write_log)
+from .training import (FitOptions, autocast, check_budget, check_out, check_same_start, check_world, clear_out,
+                       default_input_size, default_norm, fit, last_loss, lr_factor, maybe_compile, param_groups,
+                       plot_curve, resolve_device, resume, rng_state, save_state, wrap_ddp, write_log)
 # The toolkit's other names, still importable from here (cli, extract, demo, bench and tests import from student).
 from .training import MAX_SEED, WARMUP_FRACTION, check_resume, load_state  # noqa: F401
 
@@ -202,7 +202,9 @@ def _start(job: _Job) -> dict | None:
                        *(job.out_dir / "snapshots").glob("student-*.pt")])
         job.out_dir.mkdir(parents=True, exist_ok=True)
     barrier()
-    return resume(job.state_path, job.identity, job.model, job.opt, job.gen) if cfg.resume else None
+    loop = resume(job.state_path, job.identity, job.model, job.opt, job.gen) if cfg.resume else None
+    check_same_start(job.state_path, loop)
+    return loop
 
 
 def _batches(loader: StoreLoader, epoch: int, start: int) -> StoreLoader:

@@ -204,6 +204,17 @@ def resume(state_path: Path, identity: dict, model: nn.Module, opt, gen: torch.G
     return st["loop"]
 
 
+def check_same_start(state_path: Path, loop: dict | None) -> None:
+    """Under torchrun every rank must have resumed from the same state (a rank that starts over
+    while the others continue would train a different model, or wait forever): ranks on other
+    nodes read OUT too, so it must be the same folder there (a shared file system)."""
+    steps = distributed.every_rank(-1 if loop is None else loop["step"])
+    if len(set(steps)) > 1:
+        seen = ", ".join(f"rank {r}: {'no state' if s < 0 else f'step {int(s)}'}" for r, s in enumerate(steps))
+        raise CooptError(f"{state_path}: the ranks do not see the same resume state ({seen}); every rank must "
+                         "read the same output folder (on several nodes: a shared file system)")
+
+
 def rng_state(g: torch.Generator) -> torch.Tensor:
     return g.get_state().cpu()
 

@@ -3,6 +3,8 @@ rank's parameters at each save in OUT.rank<R>.pt (the library writes on rank 0 o
 test can check what DDP must guarantee: every rank holds the same weights, BYOL's EMA target too.
 
     torchrun --nproc_per_node=2 tests/ddp_every_rank.py pretrain '{"dataset": ..., "out": ...}'
+    ... train '{...}' --hide-state-from-rank-1    (rank 1 finds no resume state: a node that
+                                                   does not share OUT's folder)
 """
 import json
 import sys
@@ -10,6 +12,7 @@ import sys
 import torch
 
 from coopt_fast import ssl, student
+from coopt_fast.distributed import world
 
 
 def main() -> None:
@@ -23,6 +26,9 @@ def main() -> None:
         torch.save(params, f"{kwargs['out']}.rank{job.world.rank}.pt")
 
     module._save = save_every_rank
+    if "--hide-state-from-rank-1" in sys.argv[3:]:
+        load = module.resume
+        module.resume = lambda path, *args: None if world().rank == 1 else load(path, *args)
     getattr(module, what)(**kwargs)
 
 

@@ -148,6 +148,17 @@ def test_two_rank_run_resumes_in_one_process(run, full2, part2, tmp_path):
     assert [r["world_size"] for r in b["loop"]["log"]] == [1, 1]  # both epochs ended in this process
 
 
+def test_ranks_that_do_not_see_the_same_state_are_refused(run, part2, tmp_path):
+    """A node that does not share OUT's folder would start over while the others continue."""
+    out = tmp_path / "part"
+    shutil.copytree(part2, out)
+    kw = dict(TRAIN, run=str(run), student="linear", out=str(out), resume=True, progress=False)
+    r = _torchrun(EVERY_RANK, "train", json.dumps(kw), "--hide-state-from-rank-1", check=False)
+    assert r.returncode != 0
+    assert "the ranks do not see the same resume state (rank 0: step 3, rank 1: no state)" in r.stderr
+    assert _state(out)["loop"]["step"] == 3  # nothing trained, nothing saved
+
+
 def test_world_size_that_does_not_divide_the_batch_is_refused(run, tmp_path, monkeypatch):
     # Refused before any process group starts, so one process posing as rank 0 of 3 sees it.
     monkeypatch.setenv("WORLD_SIZE", "3")
