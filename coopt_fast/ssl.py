@@ -154,18 +154,22 @@ def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: 
     _check(cfg, w)
     dev = rank_device(resolve_device(cfg.device), w)
     with process_group(dev, w):
-        job = _build(cfg, dev, w)
-        loop = _start(job)
-        resumed = loop is not None
-        job.model.train()
-        opts = FitOptions(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=job.steps_per_epoch,
-                          batch_size=job.bs, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps,
-                          progress=cfg.progress and w.main, snapshots=cfg.snapshots, world_size=w.size)
-        loop = fit(opts, functools.partial(_batches, job), functools.partial(_step, job),
-                   functools.partial(_save, job), loop, functools.partial(_snapshot, job))
-        if w.main and not job.out.exists():
-            _save(job, loop)
-        return _summary(job, loop, resumed)
+        return _run(cfg, dev, w)  # the job (its DDP wrapper holds the group) ends inside the group
+
+
+def _run(cfg: PretrainConfig, dev: torch.device, w: World) -> dict:
+    job = _build(cfg, dev, w)
+    loop = _start(job)
+    resumed = loop is not None
+    job.model.train()
+    opts = FitOptions(what=f"pretrain {cfg.method}", epochs=cfg.epochs, steps_per_epoch=job.steps_per_epoch,
+                      batch_size=job.bs, max_seconds=cfg.max_seconds, max_steps=cfg.max_steps,
+                      progress=cfg.progress and w.main, snapshots=cfg.snapshots, world_size=w.size)
+    loop = fit(opts, functools.partial(_batches, job), functools.partial(_step, job),
+               functools.partial(_save, job), loop, functools.partial(_snapshot, job))
+    if w.main and not job.out.exists():
+        _save(job, loop)
+    return _summary(job, loop, resumed)
 
 
 def _start(job: _Job) -> dict | None:

@@ -80,22 +80,28 @@ def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwar
     _check(cfg, w)
     dev = rank_device(resolve_device(cfg.device), w)
     with process_group(dev, w):
-        job = _build(cfg, dev, w)
-        loop = _start(job)
-        job.model.train()
-        opts = FitOptions(what="train", epochs=cfg.epochs, steps_per_epoch=len(job.loader), batch_size=job.batch,
-                          max_seconds=cfg.max_seconds, max_steps=cfg.max_steps, progress=cfg.progress and w.main,
-                          snapshots=cfg.snapshots, world_size=w.size)
-        resumed = loop is not None
-        loop = fit(opts, functools.partial(_batches, job.loader), functools.partial(_step, job),
-                   functools.partial(_save, job), loop, functools.partial(_snapshot, job))
-        if w.main and not job.ckpt_path.exists():  # resumed a finished run: fit saved nothing
-            _save(job, loop)
-        if w.main:
-            plot_curve(job.out_dir / "curve.png", loop["trace"], loop["log"], len(job.loader),
-                       f"coopt student {cfg.student} on {job.store.name}",
-                       loss_label="cosine loss 1 - cos(head(backbone(aug(x))), z-scored y)", peak_lr=cfg.lr)
-        return _summary(job, loop, resumed)
+        # The job ends inside the group: its DDP wrapper holds the group, and freed after the
+        # teardown it would destroy gloo's group with the peers gone (seen once: SIGABRT at exit).
+        return _run(cfg, dev, w)
+
+
+def _run(cfg: TrainConfig, dev: torch.device, w: World) -> dict:
+    job = _build(cfg, dev, w)
+    loop = _start(job)
+    job.model.train()
+    opts = FitOptions(what="train", epochs=cfg.epochs, steps_per_epoch=len(job.loader), batch_size=job.batch,
+                      max_seconds=cfg.max_seconds, max_steps=cfg.max_steps, progress=cfg.progress and w.main,
+                      snapshots=cfg.snapshots, world_size=w.size)
+    resumed = loop is not None
+    loop = fit(opts, functools.partial(_batches, job.loader), functools.partial(_step, job),
+               functools.partial(_save, job), loop, functools.partial(_snapshot, job))
+    if w.main and not job.ckpt_path.exists():  # resumed a finished run: fit saved nothing
+        _save(job, loop)
+    if w.main:
+        plot_curve(job.out_dir / "curve.png", loop["trace"], loop["log"], len(job.loader),
+                   f"coopt student {cfg.student} on {job.store.name}",
+                   loss_label="cosine loss 1 - cos(head(backbone(aug(x))), z-scored y)", peak_lr=cfg.lr)
+    return _summary(job, loop, resumed)
 
 
 def _check(cfg: TrainConfig, w: World) -> None:
