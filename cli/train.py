@@ -56,7 +56,7 @@ def train(
 
     s = run_train(run, student, epochs, out, batch_size=batch_size, lr=lr, wd=wd, seed=seed, input_size=input_size,
                   max_seconds=max_seconds, max_steps=max_steps, resume=resume, force=force, device=device, compile=compile,
-                  resident=parse_resident(store_on_device), snapshots=snapshots, progress=not quiet)
+                  store_on_device=parse_resident(store_on_device), snapshots=snapshots, progress=not quiet)
     if world().main:  # torchrun: one summary, rank 0's
         emit(s, json_out, kv_table(f"train {student}", s, (
             "checkpoint", "rows", "target_dim", "input_size", "device", "compiled", "epochs", "steps", "stopped",

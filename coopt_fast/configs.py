@@ -3,7 +3,24 @@ the CLI takes its defaults from here without importing torch (`coopt-fast --help
 Each is re-exported by its module (coopt_fast.student.TrainConfig, ...)."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
+
+
+def options_of(config, positional: tuple[str, ...]):
+    """Decorator: `fn(*positional, **options)` that builds `config` shows the config's fields as its
+    own parameters (help(), inspect.signature, IDEs): the defaults live once, in the dataclass."""
+    def wrap(fn):
+        params = []
+        for f in dataclasses.fields(config):
+            kind = inspect.Parameter.POSITIONAL_OR_KEYWORD if f.name in positional else inspect.Parameter.KEYWORD_ONLY
+            default = inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default
+            params.append(inspect.Parameter(f.name, kind, default=default, annotation=f.type))
+        params.sort(key=lambda p: (p.kind, positional.index(p.name) if p.name in positional else 0))
+        fn.__signature__ = inspect.Signature(params, return_annotation="dict")
+        return fn
+    return wrap
 
 
 @dataclass
@@ -20,7 +37,7 @@ class TrainConfig:
     force: bool = False              # start over in an OUT that holds a run (without it: refused)
     device: str = "auto"
     compile: bool | None = None      # None: on CUDA only; True: anywhere
-    resident: bool | None = None     # merged store in device memory (StoreLoader); None: if it fits
+    store_on_device: bool | None = None  # the merged store in device memory (StoreLoader resident); None: if it fits
     max_seconds: float | None = None  # wall-clock budget of this call; stop after the step that exceeds it
     max_steps: int | None = None      # stop after this many optimizer steps in all (smoke runs, tests)
     input_size: int | None = None     # None: default_input_size

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from . import augment
 from .data import Dataset, load_dataset
 from .distributed import World, barrier, process_group, rank_device, world
-from .configs import PretrainConfig  # noqa: F401 (defined apart: the CLI reads its defaults without torch)
+from .configs import PretrainConfig, options_of  # noqa: F401 (defined apart: the CLI reads its defaults without torch)
 from .errors import CooptError
 from .loader import epoch_permutation, read_images
 from .priors import MAX_INPUT_SIZE, MIN_INPUT_SIZE, build_backbone, save_checkpoint
@@ -146,10 +146,50 @@ class BYOL(nn.Module):
                 bt.copy_(bo)
 
 
+@options_of(PretrainConfig, ("dataset", "method", "arch", "epochs", "out"))
 def pretrain(dataset: str, method: str = "byol", arch: str = "convnet", epochs: int = 10, out="prior.pt",
-             **kwargs) -> dict:
-    """Pretrain a backbone with `method` on `dataset`; returns a summary (see PretrainConfig)."""
-    cfg = PretrainConfig(dataset=dataset, method=method, arch=arch, epochs=epochs, out=str(out), **kwargs)
+             **options) -> dict:
+    """Pretrain a backbone with `method` on `dataset` (what `coopt-fast pretrain` runs).
+
+    Under torchrun: DDP, `batch_size` is the global batch, rank 0 writes OUT.
+
+    Args:
+        dataset: data set spec: "fashion-mnist", "folder:PATH", "npy:IMAGES.npy[,LABELS.npy]".
+        method: "supervised" (cross-entropy on the labels), "byol" or "simclr".
+        arch: "convnet" or a torchvision classifier (resnet18, ...).
+        epochs: passes over the data.
+        out: the backbone checkpoint to write (.pt or .safetensors); OUT.state.pt for resume,
+            OUT.log.jsonl per epoch.
+        batch_size: the global batch (256).
+        lr: AdamW peak learning rate (1e-3).
+        wd: weight decay (None: 0.01 supervised, 1e-4 byol/simclr).
+        labeled_fraction: supervised only: train on this random fraction of the labels (1.0).
+        seed: seeds the initialisation, the data order and the augmentations (0).
+        limit: use the first N samples only (None: all).
+        input_size: image side (None: convnet the image side rounded up to 32, others 224).
+        max_seconds: wall-clock budget (the schedule anneals within it).
+        max_steps: stop after this many optimizer steps.
+        resume: continue from OUT.state.pt.
+        force: start over, replacing the run OUT holds.
+        device: "auto" (cuda if present), "cpu", "cuda" or "cuda:N".
+        compile: torch.compile the model; None (default): on CUDA only.
+        progress: progress bars (or plain lines without a terminal) on stderr.
+        tau_base: BYOL's EMA rate (0.99).
+        temperature: SimCLR's softmax temperature (0.2).
+        proj_hidden: projector/predictor width (None: 4096 byol, 2048 simclr).
+        proj_dim: projector output (256).
+        snapshots: also save N copies of the backbone at evenly spaced points (OUT.snapK.<ext>).
+
+    Returns:
+        checkpoint, samples, input_size, device, epochs, steps, stopped, resumed, loss, seconds,
+        samples_per_s, world_size.
+
+    Raises:
+        CooptError: a bad option or data set (supervised needs labels), an OUT that holds another
+            run (without resume or force), a world size that does not divide the batch.
+        TypeError: an unknown option name.
+    """
+    cfg = PretrainConfig(dataset=dataset, method=method, arch=arch, epochs=epochs, out=str(out), **options)
     w = world()
     _check(cfg, w)
     dev = rank_device(resolve_device(cfg.device), w)

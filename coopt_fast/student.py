@@ -43,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import augment
-from .configs import TrainConfig  # noqa: F401 (defined apart: the CLI reads its defaults without torch)
+from .configs import TrainConfig, options_of  # noqa: F401 (defined apart: the CLI reads its defaults without torch)
 from .distributed import World, barrier, process_group, rank_device, world
 from .errors import CooptError
 from .loader import StoreLoader, resolve_store
@@ -73,9 +73,46 @@ def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=1, eps=1e-8)).mean()
 
 
-def train(run, student: str = "convnet", epochs: int = 10, out="student", **kwargs) -> dict:
-    """Train a student on RUN/merged.h5; returns a summary (see TrainConfig for the options)."""
-    cfg = TrainConfig(run=str(run), student=student, epochs=epochs, out=str(out), **kwargs)
+@options_of(TrainConfig, ("run", "student", "epochs", "out"))
+def train(run, student: str = "convnet", epochs: int = 10, out="student", **options) -> dict:
+    """Train a student to regress the merged targets (what `coopt-fast train` runs).
+
+    Cosine loss on z-scored targets, AdamW with warmup then cosine decay. Under torchrun: DDP,
+    `batch_size` is the global batch, rank 0 writes OUT.
+
+    Args:
+        run: the run folder holding merged.h5, or the path of a merged .h5.
+        student: "convnet", "linear" (trivial, for measuring) or a torchvision classifier (resnet18, ...).
+        epochs: passes over the merged store.
+        out: output folder: student.pt (the backbone), state.pt (for resume), train.jsonl, curve.png.
+        batch_size: the global batch (default 128); under torchrun every rank takes batch_size / W.
+        lr: AdamW peak learning rate (1e-3).
+        wd: AdamW weight decay (0.01; not on norms and biases).
+        seed: seeds the student's initialisation, the data order and the augmentations (0).
+        resume: continue from OUT/state.pt.
+        force: start over in an OUT that holds a run.
+        device: "auto" (cuda if present), "cpu", "cuda" or "cuda:N".
+        compile: torch.compile the model; None (default): on CUDA only.
+        store_on_device: keep the merged store in device memory; None (default): when it fits in
+            half the free GPU memory (never on the CPU, where the page cache already holds it).
+        max_seconds: wall-clock budget; stop after the step that exceeds it.
+        max_steps: stop after this many optimizer steps.
+        input_size: image side (None: convnet the image side rounded up to 32, others 224).
+        crop_scale: random-resized-crop scale range ((0.25, 1.0): the target describes the whole image).
+        snapshots: also save N copies of the backbone at evenly spaced points.
+        progress: progress bars (or plain lines without a terminal) on stderr.
+
+    Returns:
+        checkpoint, rows, target_dim, input_size, device, compiled, epochs, steps, stopped,
+        store_on_device, resumed, trained_now, loss, seconds, train_seconds, samples_per_s,
+        world_size.
+
+    Raises:
+        CooptError: a bad option, a missing or broken merged store, an OUT that holds another run
+            (without resume or force), a world size that does not divide the batch.
+        TypeError: an unknown option name.
+    """
+    cfg = TrainConfig(run=str(run), student=student, epochs=epochs, out=str(out), **options)
     w = world()
     _check(cfg, w)
     dev = rank_device(resolve_device(cfg.device), w)
@@ -187,7 +224,7 @@ def _open_loader(cfg: TrainConfig, store: Path, dev: torch.device, w: World) -> 
     """The merged store's loader (this rank's shares of the global batches), and the input side
     its images are resized to."""
     loader = StoreLoader(store, cfg.batch_size, fields=("images", "targets"), seed=cfg.seed, device=dev,
-                         resident=cfg.resident, world=w)
+                         resident=cfg.store_on_device, world=w)
     size = cfg.input_size or default_input_size(cfg.student, loader.image_shape)
     loader.image_size = size  # folder images of mixed size are resized to it
     loader.drop_last = loader.n >= cfg.batch_size  # static shapes (no recompiles), no 1-sample BN batch
