@@ -20,9 +20,10 @@ import os
 import re
 from dataclasses import dataclass
 
-import torch
-
 from .errors import CooptError
+
+# torch is imported inside the functions: `coopt-fast --help` and `status` import this module
+# (a command asks world() whether it is rank 0) and must not pay torch's ~2 s.
 
 # Coordination waits (rank 0 stitching, archiving) are bounded by this; a dead peer is seen much
 # sooner, as a closed connection.
@@ -58,6 +59,8 @@ def world() -> World:
 def rank_device(dev: torch.device, w: World) -> torch.device:
     """Under torchrun a CUDA device means this rank's GPU, cuda:LOCAL_RANK, made current."""
     if dev.type == "cuda" and w.multi:
+        import torch
+
         dev = torch.device("cuda", w.local_rank)
         torch.cuda.set_device(dev)
     return dev
@@ -136,6 +139,7 @@ def from_rank0(value: float) -> float:
     ranks at different steps, and a rank that stopped leaves the others in the next all-reduce."""
     if _coord is None:
         return value
+    import torch
     import torch.distributed as dist
 
     t = torch.tensor([value], dtype=torch.float64)
@@ -161,6 +165,7 @@ def every_rank(value: float) -> list[float]:
     checks that the ranks start from the same place (the same resume state)."""
     if _coord is None:
         return [value]
+    import torch
     import torch.distributed as dist
 
     out = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]

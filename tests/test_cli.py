@@ -1,5 +1,7 @@
 """The data-side commands through Typer's CliRunner: exit codes, --json, one-line errors."""
 import json
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -110,3 +112,16 @@ def test_progress_lines_without_a_terminal(tmp_path):
     r = _cli("extract", run, "--participant", "b", "--shard", 1, "--prior", "labels",
              env={"COOPT_PROGRESS": "0", "COOPT_PROGRESS_SECONDS": "0"})
     assert r.returncode == 0 and "shard:" not in r.stderr
+
+
+def test_help_version_and_status_do_not_import_torch(tmp_path):
+    """What keeps `--help`, `--version` and `status` fast (bench/bench_startup.py measures it):
+    none of them imports torch. Structural, not timed: a module-level `import torch` anywhere on
+    the CLI's import path fails it."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom coopt_fast.cli.app import app\nimport coopt_fast.cli\n"
+            "for args in (['--help'], ['--version'], ['status', sys.argv[1]], ['score', '--help'], ['train', '--help']):\n"
+            "    CliRunner().invoke(app, args)\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'h5py', 'triton') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "torch" not in r.stdout.split("[")[-1], r.stdout
