@@ -30,7 +30,7 @@ def score(
     if not distributed.world().main:
         return
     t = Table(title=f"priors ranked by {by} on S; `align --reference best --score {by}` picks {s['best']}")
-    for c in ("rank", "participant", "prior", "dim", "rows", "U on S", "centred U", "effective rank"):
+    for c in ("rank", "participant", "prior", "dim", "shard rows", "U on S", "centred U", "effective rank"):
         t.add_column(c)
     for r in s["participants"]:
         t.add_row(str(r["rank"]), r["participant"], r["prior"], str(r["feature_dim"]), f"{r['rows']:,}",

@@ -16,7 +16,7 @@ def status(
     s = coopt_fast.status(run)
     t = Table(title=f"{run}: {s['shards_started']} of {s['shards']} shards started "
               f"({len(s['participants'])} participants)" + (", merged" if s["merged"] else ""))
-    for c in ("participant", "shard", "state", "rows", "rows/s", "ETA", "aligned", "rounds"):
+    for c in ("participant", "shard", "state", "rows (shard + S)", "rows/s", "ETA", "aligned", "rounds"):
         t.add_column(c)
     for r in s["participants"]:
         rows = f"{r['rows_done']:,} / {r['rows_total']:,}" if r["rows_total"] else "-"
