@@ -35,6 +35,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    forced: bool = False  # a world of one that still brings up the process group (see world())
 
     @property
     def main(self) -> bool:
@@ -42,7 +43,7 @@ class World:
 
     @property
     def multi(self) -> bool:
-        return self.size > 1
+        return self.size > 1 or self.forced
 
     def share(self, n: int) -> slice:
         """This rank's contiguous share of the n rows of a global batch. The shares of ranks
@@ -51,9 +52,14 @@ class World:
 
 
 def world() -> World:
-    """This process's place in a torchrun world (rank 0 of 1 outside torchrun)."""
+    """This process's place in a torchrun world (rank 0 of 1 outside torchrun).
+
+    COOPT_PROCESS_GROUP=always under torchrun makes even one rank take the multi-rank path
+    (process group, DDP wrapper, collectives): the smoke test of that path on a machine with one
+    GPU (bench/gpu_check.sh), where NCCL cannot put two ranks on the same device."""
+    forced = os.environ.get("COOPT_PROCESS_GROUP") == "always" and "MASTER_ADDR" in os.environ
     return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                 int(os.environ.get("LOCAL_RANK", 0)))
+                 int(os.environ.get("LOCAL_RANK", 0)), forced)
 
 
 def rank_device(dev: torch.device, w: World) -> torch.device:

@@ -306,6 +306,7 @@ def _summary(job: _Job, loop: dict, resumed: bool) -> dict:
         "curve": str(out_dir / "curve.png"), "student": cfg.student, "input_size": job.size, "device": str(job.dev),
         "compiled": hasattr(job.forward, "_orig_mod"),  # torch.compile's wrapper
         "store_on_device": loader.resident, "rows": loader.n, "world_size": job.world.size,
+        "data_parallel": job.world.multi,  # DDP over a process group (also a forced world of one)
         "target_dim": loader.dim, "epochs": loop["epoch"], "steps": loop["step"], "stopped": loop["stopped"],
         "resumed": resumed, "trained_now": bool(loop["run_samples"]), "seconds": loop["run_seconds"],
         "train_seconds": loop["elapsed"], "samples_per_s": rate,

@@ -209,3 +209,21 @@ def test_a_failing_rank_ends_the_run(run, tmp_path):
     assert r.returncode != 0
     assert "error:" in r.stderr and "state.pt.tmp" in r.stderr
     assert not (out / "state.pt").exists()
+
+
+def test_one_rank_forced_through_ddp_equals_one_process(run, tmp_path):
+    """COOPT_PROCESS_GROUP=always: one torchrun rank takes the whole multi-rank path (process group,
+    DDP wrapper, all-reduce of one rank's gradients, rank-0 broadcasts): what bench/gpu_check.sh
+    smoke-tests on a one-GPU machine. With one rank DDP divides the summed gradient by 1: bitwise."""
+    plain = train(run, "linear", out=tmp_path / "plain", progress=False, max_steps=4, **TRAIN)
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=1", "-m", "coopt_fast", "train", run, "-o", tmp_path / "ddp1",
+           "--student", "linear", "--quiet", "--json", "--max-steps", "4", *_cli_args(TRAIN)]
+    env = dict(os.environ, COOPT_PROCESS_GROUP="always")
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads(r.stdout)
+    assert s["world_size"] == 1 and s["data_parallel"] and not plain["data_parallel"]
+    assert s["steps"] == plain["steps"] == 4
+    a, b = _state(tmp_path / "plain"), _state(tmp_path / "ddp1")
+    for k, v in a["model"].items():
+        assert torch.equal(v, b["model"][k]), k
