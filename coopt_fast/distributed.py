@@ -10,7 +10,11 @@ and `process_group()`, so the rules live in one place:
     small decisions) always runs on a gloo group: a rank that died is seen by gloo peers as a
     closed connection within seconds, where NCCL would wait out its timeout;
   - a rank that raises leaves the group without a barrier and exits non-zero; torchrun's agent
-    then stops the other ranks, and any peer blocked in a gloo barrier fails at once.
+    then stops the other ranks of its node, and any peer blocked in a gloo barrier fails at once;
+  - across nodes (each node's agent stops only its own ranks) a rank that raises also posts why
+    in the rendezvous store, and every rank's watchdog thread polls that key: a rank on another
+    node stops within seconds (WATCH_SECONDS), saying which rank failed and why, instead of
+    working on until its next barrier.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ import contextlib
 import datetime
 import os
 import re
+import sys
+import threading
 from dataclasses import dataclass
 
 from .errors import CooptError
@@ -73,6 +79,9 @@ def rank_device(dev: torch.device, w: World) -> torch.device:
 
 
 _coord = None  # the gloo group for coordination while a process group is up
+FAILED_KEY = "coopt/failed"  # in the rendezvous store: "rank R: why", posted by a rank that raised
+WATCH_SECONDS = 2.0           # how often each rank's watchdog looks for it
+STORE_MISSES = 3              # polls that cannot reach the store (its host node ended) before stopping
 
 
 @contextlib.contextmanager
@@ -95,18 +104,53 @@ def process_group(dev: torch.device, w: World | None = None, barrier_timeout: da
     dist.init_process_group(backend, timeout=COORD_TIMEOUT, **kw)
     own = backend == "nccl" or barrier_timeout != COORD_TIMEOUT  # else gloo's default group coordinates
     coord = _coord = dist.new_group(backend="gloo", timeout=barrier_timeout) if own else dist.group.WORLD
-    ok = False
+    store = dist.distributed_c10d._get_default_store()  # the rendezvous store every node reaches
+    stop = threading.Event()
+    watch = threading.Thread(target=_watch, args=(store, stop, w.rank), daemon=True, name="coopt-peer-watch")
+    watch.start()
     try:
         yield w
-        ok = True
-    finally:
+    except BaseException as e:
+        _end_watch(stop, watch)
+        with contextlib.suppress(Exception):  # best effort: the store may be gone already
+            store.set(FAILED_KEY, f"rank {w.rank}: {_first_line(e)}")
         _coord = None
-        if ok:
-            _wait(coord)  # nobody tears down while a peer still sends
+        with contextlib.suppress(Exception):
             dist.destroy_process_group()
-        else:
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        raise
+    _end_watch(stop, watch)
+    _coord = None
+    _wait(coord)  # nobody tears down while a peer still sends
+    dist.destroy_process_group()
+
+
+def _end_watch(stop: threading.Event, watch: threading.Thread) -> None:
+    """Stop the watchdog and wait for it: a thread left inside a store call while the group is
+    destroyed and the interpreter exits can abort the process."""
+    stop.set()
+    watch.join(timeout=10)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _watch(store, stop: threading.Event, rank: int) -> None:
+    """Until `stop`: end this process when another rank has posted a failure, or when the store
+    stays unreachable. os._exit, as a kill would: every file this project writes survives kill -9
+    (partials resume), and a rank blocked in a collective can be ended no other way."""
+    misses = 0
+    while not stop.wait(WATCH_SECONDS):
+        try:
+            why = store.get(FAILED_KEY).decode() if store.check([FAILED_KEY]) else None
+            misses = 0
+        except Exception as e:  # noqa: BLE001 - any store error counts as a miss
+            misses += 1
+            why = f"the rendezvous store is unreachable ({_first_line(e)})" if misses >= STORE_MISSES else None
+        if why is not None and not stop.is_set():
+            print(f"error: rank {rank}: stopping, another rank failed: {why}", file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 def barrier() -> None:

@@ -227,3 +227,25 @@ def test_one_rank_forced_through_ddp_equals_one_process(run, tmp_path):
     a, b = _state(tmp_path / "plain"), _state(tmp_path / "ddp1")
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
+
+
+def test_a_rank_failing_on_another_node_ends_this_one(tmp_path):
+    """Two torchrun "nodes" on this machine (static rendezvous): each agent stops only its own
+    ranks, so rank 0, busy for 10 minutes with no barrier ahead, ends only if the peer watchdog
+    sees rank 1's posted failure. The subprocess timeout is a hang guard, not a speed claim."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nodes = [subprocess.Popen([TORCHRUN, "--nnodes=2", "--nproc_per_node=1", f"--node_rank={k}",
+                               "--master_addr=127.0.0.1", f"--master_port={port}", str(Path(__file__).with_name("watchdog_rank.py"))],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for k in (0, 1)]
+    try:
+        out = [p.communicate(timeout=120) for p in nodes]
+    finally:
+        for p in nodes:
+            p.kill()
+    assert nodes[0].returncode != 0 and nodes[1].returncode != 0
+    assert "error: rank 0: stopping, another rank failed: rank 1: rank 1 gives up on purpose" in out[0][1], out[0][1][-3000:]
